@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# setup.sh installs every Debian package boxlite needs to build, boot and test
+# boxes. It is idempotent: packages already present are not reinstalled and
+# apt's index is refreshed only when a package is missing.
+set -euo pipefail
+
+PACKAGES=(
+	# VMM and guest runtime
+	qemu-system-x86 qemu-utils crun runc busybox-static
+	# guest kernel build
+	linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils cpio kmod
+	# tooling used by the scripts and tests
+	iproute2 procps psmisc util-linux ca-certificates git make
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+		missing+=("$p")
+	fi
+done
+
+if ((${#missing[@]} == 0)); then
+	echo "setup: all ${#PACKAGES[@]} packages present"
+	exit 0
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+	echo "setup: missing packages (${missing[*]}); rerun as root: sudo make setup" >&2
+	exit 1
+fi
+
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
