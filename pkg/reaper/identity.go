@@ -1,0 +1,151 @@
+package reaper
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/errdefs"
+)
+
+// Identity names one process across pid reuse: its pid and its start time in
+// clock ticks since boot (field 22 of /proc/<pid>/stat).
+type Identity struct {
+	// Pid is the process id.
+	Pid int
+	// StartTime is the process start time in clock ticks since boot.
+	StartTime uint64
+}
+
+// String formats the identity as written to pid files: "pid starttime".
+func (id Identity) String() string {
+	return fmt.Sprintf("%d %d", id.Pid, id.StartTime)
+}
+
+// procRoot is where /proc is mounted; tests point it elsewhere.
+var procRoot = "/proc"
+
+// procStat holds the fields of /proc/<pid>/stat that the reaper needs.
+type procStat struct {
+	state     byte
+	ppid      int
+	startTime uint64
+}
+
+// readProcStat parses /proc/<pid>/stat. A missing process is errdefs.ErrNotFound.
+func readProcStat(pid int) (procStat, error) {
+	data, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return procStat{}, fmt.Errorf("process %d: %w", pid, errdefs.ErrNotFound)
+		}
+		return procStat{}, err
+	}
+	return parseProcStat(data)
+}
+
+// parseProcStat parses the contents of a /proc/<pid>/stat file. The command
+// name (field 2) may contain spaces and parentheses, so fields are counted
+// from the last ')'.
+func parseProcStat(data []byte) (procStat, error) {
+	end := bytes.LastIndexByte(data, ')')
+	if end < 0 || end+2 > len(data) {
+		return procStat{}, fmt.Errorf("malformed /proc stat %q", truncate(data))
+	}
+	// fields[0] is field 3 (state).
+	fields := strings.Fields(string(data[end+1:]))
+	if len(fields) < 20 {
+		return procStat{}, fmt.Errorf("malformed /proc stat %q: %d fields", truncate(data), len(fields)+2)
+	}
+	ppid, err := strconv.Atoi(fields[1])
+	if err != nil {
+		return procStat{}, fmt.Errorf("malformed /proc stat ppid %q: %w", fields[1], err)
+	}
+	start, err := strconv.ParseUint(fields[19], 10, 64)
+	if err != nil {
+		return procStat{}, fmt.Errorf("malformed /proc stat starttime %q: %w", fields[19], err)
+	}
+	return procStat{state: fields[0][0], ppid: ppid, startTime: start}, nil
+}
+
+func truncate(b []byte) []byte {
+	if len(b) > 64 {
+		return b[:64]
+	}
+	return b
+}
+
+// ReadIdentity returns the identity of the live (or zombie) process pid.
+func ReadIdentity(pid int) (Identity, error) {
+	st, err := readProcStat(pid)
+	if err != nil {
+		return Identity{}, err
+	}
+	return Identity{Pid: pid, StartTime: st.startTime}, nil
+}
+
+// Running reports whether the process id names is still running: the pid
+// exists, is not a zombie, and has the same start time (so a reused pid is
+// not mistaken for it).
+func (id Identity) Running() (bool, error) {
+	if id.Pid <= 0 {
+		return false, nil
+	}
+	st, err := readProcStat(id.Pid)
+	if errdefs.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return st.startTime == id.StartTime && st.state != 'Z' && st.state != 'X', nil
+}
+
+// Exists reports whether the process is still present, possibly as a zombie
+// that nobody reaped yet, with the same start time.
+func (id Identity) Exists() (bool, error) {
+	if id.Pid <= 0 {
+		return false, nil
+	}
+	st, err := readProcStat(id.Pid)
+	if errdefs.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return st.startTime == id.StartTime, nil
+}
+
+// WritePidFile atomically writes id to path as "pid starttime\n".
+func WritePidFile(path string, id Identity) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(id.String()+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// ReadPidFile reads a pid file written by WritePidFile. A missing file is
+// errdefs.ErrNotFound; a malformed one is errdefs.ErrDataLoss.
+func ReadPidFile(path string) (Identity, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return Identity{}, fmt.Errorf("pid file %s: %w", path, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return Identity{}, err
+	}
+	if len(data) > 64 {
+		return Identity{}, fmt.Errorf("pid file %s: too long: %w", path, errdefs.ErrDataLoss)
+	}
+	var id Identity
+	if _, err := fmt.Sscanf(string(data), "%d %d\n", &id.Pid, &id.StartTime); err != nil || id.Pid <= 0 {
+		return Identity{}, fmt.Errorf("pid file %s: malformed %q: %w", path, data, errdefs.ErrDataLoss)
+	}
+	return id, nil
+}

@@ -1,0 +1,346 @@
+package reaper
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// Exit is how a process ended.
+type Exit struct {
+	// Pid is the process id that exited.
+	Pid int
+	// Status is the exit code, or 128+n when the process was killed by signal n.
+	Status int
+	// Signal is the signal that killed the process, or 0.
+	Signal syscall.Signal
+	// Time is when the reaper collected the exit.
+	Time time.Time
+}
+
+// String describes the exit for logs and errors.
+func (e Exit) String() string {
+	if e.Signal != 0 {
+		return fmt.Sprintf("pid %d killed by %v (status %d)", e.Pid, e.Signal, e.Status)
+	}
+	return fmt.Sprintf("pid %d exited with status %d", e.Pid, e.Status)
+}
+
+// Bounds of the store of exits nobody registered for (orphans reparented to
+// us). Claim finds an exit there for up to orphanTTL; the oldest entries are
+// evicted first past maxOrphans.
+const (
+	maxOrphans = 4096
+	orphanTTL  = 10 * time.Minute
+)
+
+// Reaper is the process-wide owner of wait. Use Default.
+type Reaper struct {
+	// mu guards waiting, orphans.
+	mu sync.Mutex
+	// waiting maps a pid to the handle that receives its exit. Guarded by mu.
+	waiting map[int]*Process
+	// orphans are exits that were reaped before anyone registered their
+	// pid, oldest first. Guarded by mu.
+	orphans []Exit
+
+	// reaped counts reaped processes; tests and benchmarks read it.
+	reaped uint64
+}
+
+var (
+	defaultOnce   sync.Once
+	defaultReaper *Reaper
+)
+
+// Default returns the process-wide reaper. The first call marks the process a
+// child subreaper (PR_SET_CHILD_SUBREAPER) and starts the single SIGCHLD loop;
+// a process that fails to become a subreaper logs it and still reaps its own
+// children.
+func Default() *Reaper {
+	defaultOnce.Do(func() {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			log.L.WithError(err).Warn("cannot become child subreaper")
+		}
+		defaultReaper = &Reaper{waiting: make(map[int]*Process)}
+		ch := make(chan os.Signal, 32)
+		signal.Notify(ch, unix.SIGCHLD)
+		go defaultReaper.loop(ch)
+		// Children may have exited before Notify was installed.
+		defaultReaper.drain()
+	})
+	return defaultReaper
+}
+
+// loop is the single SIGCHLD loop. Signals coalesce, so each one drains every
+// exited child.
+func (r *Reaper) loop(ch <-chan os.Signal) {
+	for range ch {
+		r.drain()
+	}
+}
+
+// drain reaps every exited child with wait4(-1, WNOHANG) until none is left.
+func (r *Reaper) drain() {
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || pid <= 0 {
+			// ECHILD: no children; 0: none exited yet.
+			return
+		}
+		r.deliver(exitFromStatus(pid, ws))
+	}
+}
+
+func exitFromStatus(pid int, ws unix.WaitStatus) Exit {
+	e := Exit{Pid: pid, Time: time.Now()}
+	switch {
+	case ws.Signaled():
+		e.Signal = ws.Signal()
+		e.Status = 128 + int(ws.Signal())
+	case ws.Exited():
+		e.Status = ws.ExitStatus()
+	}
+	return e
+}
+
+// deliver hands an exit to its registered handle, or stores it as an orphan.
+func (r *Reaper) deliver(e Exit) {
+	r.mu.Lock()
+	r.reaped++
+	p, ok := r.waiting[e.Pid]
+	if ok {
+		delete(r.waiting, e.Pid)
+		r.mu.Unlock()
+		p.finish(e)
+		return
+	}
+	r.storeOrphanLocked(e)
+	r.mu.Unlock()
+	log.L.WithField("pid", e.Pid).WithField("status", e.Status).Debug("reaped unregistered child")
+}
+
+func (r *Reaper) storeOrphanLocked(e Exit) {
+	// Drop expired entries from the front (they are in exit order).
+	cut := 0
+	for cut < len(r.orphans) && e.Time.Sub(r.orphans[cut].Time) > orphanTTL {
+		cut++
+	}
+	if len(r.orphans)-cut >= maxOrphans {
+		evicted := r.orphans[cut]
+		cut++
+		log.L.WithField("pid", evicted.Pid).Warn("reaper: evicting unclaimed exit")
+	}
+	if cut > 0 {
+		r.orphans = append(r.orphans[:0], r.orphans[cut:]...)
+	}
+	r.orphans = append(r.orphans, e)
+}
+
+// takeOrphanLocked removes and returns the newest stored exit of pid that
+// happened at or after since.
+func (r *Reaper) takeOrphanLocked(pid int, since time.Time) (Exit, bool) {
+	for i := len(r.orphans) - 1; i >= 0; i-- {
+		e := r.orphans[i]
+		if e.Pid != pid {
+			continue
+		}
+		if e.Time.Before(since) {
+			return Exit{}, false
+		}
+		r.orphans = append(r.orphans[:i], r.orphans[i+1:]...)
+		return e, true
+	}
+	return Exit{}, false
+}
+
+// Start starts cmd and registers it before it can exit, so its exit is
+// delivered to the returned Process. cmd must not be waited for by anyone
+// else. Stdio that is not an *os.File is allowed: Process.Wait joins exec's
+// copying goroutines after the exit was reaped.
+func (r *Reaper) Start(cmd *exec.Cmd) (*Process, error) {
+	// Holding mu across Start means the loop can reap the child but cannot
+	// deliver its exit before the pid is registered.
+	r.mu.Lock()
+	if err := cmd.Start(); err != nil {
+		r.mu.Unlock()
+		return nil, err
+	}
+	p := newProcess(cmd.Process.Pid, cmd)
+	r.waiting[p.pid] = p
+	r.mu.Unlock()
+	// The start time is read after registration; a child that already
+	// exited and was reaped keeps a zero start time.
+	if id, err := ReadIdentity(p.pid); err == nil {
+		p.identity = id
+	}
+	return p, nil
+}
+
+// Claim returns a handle on pid, a process that is or will be our child by
+// reparenting (for example a container init whose pid a runtime wrote to a
+// pid file). An exit of pid reaped at or after since, before Claim was
+// called, is delivered too.
+func (r *Reaper) Claim(pid int, since time.Time) *Process {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p, ok := r.waiting[pid]; ok {
+		return p
+	}
+	p := newProcess(pid, nil)
+	if e, ok := r.takeOrphanLocked(pid, since); ok {
+		p.finish(e)
+		return p
+	}
+	if id, err := ReadIdentity(pid); err == nil {
+		p.identity = id
+	}
+	r.waiting[pid] = p
+	return p
+}
+
+// Release forgets a claimed process whose exit nobody wants any more (for
+// example a claim on a process that turned out not to be our child). Its
+// exit, if it comes, is stored as an orphan.
+func (r *Reaper) Release(p *Process) {
+	r.mu.Lock()
+	if cur, ok := r.waiting[p.pid]; ok && cur == p {
+		delete(r.waiting, p.pid)
+	}
+	r.mu.Unlock()
+}
+
+// tracked returns the registered handle of pid, if any.
+func (r *Reaper) tracked(pid int) (*Process, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p, ok := r.waiting[pid]
+	return p, ok
+}
+
+// Reaped returns how many processes the loop has reaped so far.
+func (r *Reaper) Reaped() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.reaped
+}
+
+// Process is a handle on one child process and its exit.
+type Process struct {
+	pid      int
+	identity Identity
+	cmd      *exec.Cmd
+	done     chan struct{}
+
+	// mu guards exit and joined.
+	mu sync.Mutex
+	// exit is set once before done is closed. Guarded by mu.
+	exit Exit
+	// joined says exec's goroutines were joined. Guarded by mu.
+	joined bool
+}
+
+func newProcess(pid int, cmd *exec.Cmd) *Process {
+	return &Process{pid: pid, cmd: cmd, identity: Identity{Pid: pid}, done: make(chan struct{})}
+}
+
+func (p *Process) finish(e Exit) {
+	p.mu.Lock()
+	p.exit = e
+	p.mu.Unlock()
+	close(p.done)
+}
+
+// Pid returns the process id.
+func (p *Process) Pid() int { return p.pid }
+
+// Identity returns the pid and start time read when the process was started
+// or claimed (StartTime is 0 if it had already exited).
+func (p *Process) Identity() Identity { return p.identity }
+
+// Done is closed once the process has been reaped.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Exit returns the exit once the process has been reaped.
+func (p *Process) Exit() (Exit, bool) {
+	select {
+	case <-p.done:
+	default:
+		return Exit{}, false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.exit, true
+}
+
+// Wait blocks until the process is reaped or ctx is done. Many callers may
+// wait at once and each gets the same exit.
+func (p *Process) Wait(ctx context.Context) (Exit, error) {
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		return Exit{}, fmt.Errorf("wait for pid %d: %w", p.pid, ctx.Err())
+	}
+	p.join()
+	e, _ := p.Exit()
+	return e, nil
+}
+
+// join lets exec finish copying the process's stdio and release its pidfd.
+// It runs only after the loop reaped the process, so Cmd.Wait cannot steal
+// the exit: the kernel answers ECHILD, which is expected and ignored.
+func (p *Process) join() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.joined || p.cmd == nil {
+		return
+	}
+	p.joined = true
+	_ = p.cmd.Wait()
+	_ = p.cmd.Process.Release()
+}
+
+// Signal sends sig to the process. It returns errdefs.ErrNotFound once the
+// process has been reaped. A started process is signalled through its pidfd,
+// so a reused pid is never hit; a claimed one is checked against its start
+// time first.
+func (p *Process) Signal(sig syscall.Signal) error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("pid %d: %w", p.pid, errdefs.ErrNotFound)
+	default:
+	}
+	if p.cmd != nil {
+		err := p.cmd.Process.Signal(sig)
+		if errors.Is(err, os.ErrProcessDone) {
+			return fmt.Errorf("pid %d: %w", p.pid, errdefs.ErrNotFound)
+		}
+		return err
+	}
+	if p.identity.StartTime != 0 {
+		if ok, err := p.identity.Exists(); err == nil && !ok {
+			return fmt.Errorf("pid %d: %w", p.pid, errdefs.ErrNotFound)
+		}
+	}
+	if err := unix.Kill(p.pid, sig); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("pid %d: %w", p.pid, errdefs.ErrNotFound)
+		}
+		return os.NewSyscallError("kill", err)
+	}
+	return nil
+}
