@@ -52,6 +52,21 @@ func assertGone(t *testing.T, pid int) {
 	}
 }
 
+// waitGone polls until pid has left /proc (reaped), with a deadline.
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); os.IsNotExist(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d never reaped", pid)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func grepStatus(data []byte) string {
 	var out []string
 	for _, l := range strings.Split(string(data), "\n") {
@@ -134,9 +149,14 @@ func TestOrphanedGrandchildIsReapedAndClaimable(t *testing.T) {
 		t.Fatalf("grandchild pid %q: %v", out[:nr], err)
 	}
 	// The grandchild was reparented to us and reaped by the loop even though
-	// nobody had registered it; Claim hands over its exit.
-	if e := waitExit(t, Default().Claim(gpid, since)); e.Status != 5 {
-		t.Fatalf("grandchild exit = %+v, want 5", e)
+	// nobody had registered it: wait until it is gone from /proc, then Claim
+	// must still hand over its exit. (Verified two-sided: with the orphan
+	// store removed from deliver, this Claim never completes.)
+	waitGone(t, gpid)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if e, err := Default().Claim(gpid, since).Wait(ctx); err != nil || e.Status != 5 {
+		t.Fatalf("grandchild exit = %+v, %v; want 5", e, err)
 	}
 	assertGone(t, gpid)
 }
@@ -296,11 +316,9 @@ func TestZombieIsNotRunningButExists(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("pid %d never became a zombie (state %c)", zpid, st.state)
 		}
-		runtime_Gosched()
+		time.Sleep(time.Millisecond) // poll interval; the deadline above bounds it
 	}
 }
-
-func runtime_Gosched() { time.Sleep(time.Millisecond) }
 
 func TestPidFileRoundTripAndMalformed(t *testing.T) {
 	dir := t.TempDir()
