@@ -1,0 +1,388 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/boxlite/boxlite/pkg/reaper"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+)
+
+// Timing bounds of the monitor's lifecycle.
+const (
+	// DefaultStartTimeout bounds Start when its ctx has no deadline.
+	DefaultStartTimeout = 30 * time.Second
+	// killReapTimeout bounds the wait for the reaper after SIGKILL.
+	killReapTimeout = 5 * time.Second
+	// drainGrace bounds the wait for the console's EOF after the monitor
+	// was reaped (only a leaked descriptor could delay it).
+	drainGrace = time.Second
+	// exitAttributionGrace bounds the wait for the monitor's exit after a
+	// failed QMP handshake, to report the exit rather than a socket error.
+	exitAttributionGrace = 500 * time.Millisecond
+	// startErrorLines is how much console an error from Start quotes.
+	startErrorLines = 5
+)
+
+// vmState is where a VM is in its lifecycle:
+// created → starting → running → exited, or created → exited when it is
+// stopped before it starts, or starting → exited when the launch fails.
+type vmState int
+
+const (
+	stateCreated vmState = iota
+	stateStarting
+	stateRunning
+	stateExited
+)
+
+func (s vmState) String() string {
+	return [...]string{"created", "starting", "running", "exited"}[s]
+}
+
+// errNotStarted is Wait's error for a VM that was stopped before it started.
+var errNotStarted = classify(errdefs.ErrFailedPrecondition, errors.New("vm stopped before it started"))
+
+// QEMU is a VM run by a qemu-system-x86_64 microvm child process.
+type QEMU struct {
+	// cfg is the validated configuration; read-only after NewQEMU.
+	cfg Config
+	// accel is the accelerator in use and reason why it was chosen.
+	accel  Accel
+	reason string
+	// Paths of the files the VM keeps in cfg.StateDir.
+	qmpPath, agentPath, pidPath, consolePath string
+
+	// launched is closed once Start has launched the monitor (proc and
+	// console are set) or given up, or the VM was stopped before it started.
+	launched chan struct{}
+	// done is closed once the monitor has been reaped and its files
+	// removed, or no monitor will ever run (exit or err is set first).
+	done chan struct{}
+
+	// mu guards the fields below.
+	mu sync.Mutex
+	// state is the lifecycle state. Guarded by mu.
+	state vmState
+	// stopping says a graceful Stop is under way. Guarded by mu.
+	stopping bool
+	// proc is the monitor process, nil until launched. Guarded by mu.
+	proc *reaper.Process
+	// console records the monitor's output, nil until launched. Guarded by mu.
+	console *console
+	// exit is the monitor's exit, valid once done is closed. Guarded by mu.
+	exit reaper.Exit
+	// err is why no monitor ran, valid once done is closed. Guarded by mu.
+	err error
+}
+
+// NewQEMU validates cfg, fills its defaults and chooses the accelerator. It
+// starts nothing.
+func NewQEMU(cfg Config) (*QEMU, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	host := cfg.host
+	if host == nil && cfg.Accel != AccelTCG {
+		h := ProbeHost()
+		host = &h
+	}
+	if host == nil {
+		host = &Host{}
+	}
+	accel, reason, err := DetectAccel(cfg.Accel, *host)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Accel == AccelAuto && accel == AccelTCG {
+		warnTCG(reason)
+	}
+	dir := cfg.StateDir
+	return &QEMU{
+		cfg:         cfg,
+		accel:       accel,
+		reason:      reason,
+		qmpPath:     filepath.Join(dir, QMPSocketName),
+		agentPath:   filepath.Join(dir, AgentSocketName),
+		pidPath:     filepath.Join(dir, PidFileName),
+		consolePath: filepath.Join(dir, ConsoleLogName),
+		launched:    make(chan struct{}),
+		done:        make(chan struct{}),
+	}, nil
+}
+
+// Accel returns the accelerator the VM runs under and why it was chosen.
+func (q *QEMU) Accel() (Accel, string) { return q.accel, q.reason }
+
+// AgentSocket is the host unix socket of the guest agent's virtio-serial
+// port. It accepts connections as soon as Start returns.
+func (q *QEMU) AgentSocket() string { return q.agentPath }
+
+// Identity returns the monitor's pid and start time (zero before Start).
+func (q *QEMU) Identity() reaper.Identity {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.proc == nil {
+		return reaper.Identity{}
+	}
+	return q.proc.Identity()
+}
+
+// ConsoleTail returns up to the last n console lines, oldest first.
+func (q *QEMU) ConsoleTail(n int) []string {
+	q.mu.Lock()
+	c := q.console
+	q.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	return c.Tail(n)
+}
+
+// Done is closed once the monitor has exited and been reaped, its pid file
+// removed, or once it is known that no monitor will run.
+func (q *QEMU) Done() <-chan struct{} { return q.done }
+
+// Wait blocks until Done or ctx is done and returns the monitor's exit. A
+// VM whose launch failed, or that was stopped before it started, returns
+// an error instead.
+func (q *QEMU) Wait(ctx context.Context) (reaper.Exit, error) {
+	select {
+	case <-q.done:
+	case <-ctx.Done():
+		return reaper.Exit{}, fmt.Errorf("wait for vm: %w", ctx.Err())
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.exit, q.err
+}
+
+// Start launches QEMU and returns once its QMP monitor has completed the
+// capabilities handshake. ctx bounds the launch only (DefaultStartTimeout
+// without a deadline); the VM outlives it. If anything fails after the
+// launch, the monitor is killed and reaped before Start returns.
+//
+// QEMU gets Pdeathsig SIGKILL, which Linux ties to the thread that forked
+// it: do not call Start from a goroutine that locked its OS thread and may
+// exit with it locked.
+func (q *QEMU) Start(ctx context.Context) error {
+	if err := q.beginStart(); err != nil {
+		return err
+	}
+	ctx, cancel := withDefaultDeadline(ctx, DefaultStartTimeout)
+	defer cancel()
+	proc, err := q.launch()
+	if proc == nil {
+		q.giveUp(err)
+		return fmt.Errorf("start vm: %w", err)
+	}
+	if err == nil {
+		err = q.handshake(ctx, proc)
+	}
+	if err != nil {
+		if kerr := q.kill(proc); kerr != nil {
+			err = fmt.Errorf("%w; %w", err, kerr)
+		}
+		return fmt.Errorf("start vm: %w%s", err, q.tailSuffix())
+	}
+	q.mu.Lock()
+	if q.state == stateStarting {
+		q.state = stateRunning
+	}
+	q.mu.Unlock()
+	log.G(ctx).WithField("pid", proc.Pid()).WithField("accel", q.accel).Debug("vm started")
+	return nil
+}
+
+// beginStart moves created → starting.
+func (q *QEMU) beginStart() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.state != stateCreated {
+		return classify(errdefs.ErrFailedPrecondition, fmt.Errorf("cannot start vm in %s state", q.state))
+	}
+	q.state = stateStarting
+	return nil
+}
+
+// giveUp records that no monitor runs after a failed launch.
+func (q *QEMU) giveUp(err error) {
+	q.mu.Lock()
+	q.state = stateExited
+	q.err = err
+	q.mu.Unlock()
+	close(q.launched)
+	close(q.done)
+}
+
+// tailSuffix quotes the last console lines for an error message.
+func (q *QEMU) tailSuffix() string {
+	lines := q.ConsoleTail(startErrorLines)
+	if len(lines) == 0 {
+		return ""
+	}
+	return " (console: " + strings.Join(lines, " | ") + ")"
+}
+
+// launch starts the monitor. A nil process means nothing was started (and
+// nothing is left behind); a process with an error must be killed.
+func (q *QEMU) launch() (*reaper.Process, error) {
+	if err := checkNoLiveMonitor(q.pidPath); err != nil {
+		return nil, err
+	}
+	var undo undoStack
+	defer undo.run()
+	cons, err := newConsole(q.consolePath, q.cfg.ConsoleLogMax)
+	if err != nil {
+		return nil, fmt.Errorf("console log: %w", err)
+	}
+	undo.add(cons.close)
+	qmpL, err := listenUnix(q.qmpPath)
+	if err != nil {
+		return nil, err
+	}
+	defer qmpL.Close()
+	undo.add(func() { os.Remove(q.qmpPath) })
+	agentL, err := listenUnix(q.agentPath)
+	if err != nil {
+		return nil, err
+	}
+	defer agentL.Close()
+	undo.add(func() { os.Remove(q.agentPath) })
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	defer w.Close()
+	undo.add(func() { r.Close() })
+
+	cmd := exec.Command(q.cfg.QEMUBinary, qemuArgs(&q.cfg, q.accel, launchFDs{qmp: 3, agent: 4})...)
+	cmd.Dir = q.cfg.StateDir
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.ExtraFiles = []*os.File{qmpL, agentL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	proc, err := reaper.Default().Start(cmd)
+	if err != nil {
+		return nil, fmt.Errorf("launch %s: %w", q.cfg.QEMUBinary, err)
+	}
+	undo.release()
+	// Written before watch starts, so watch's removal cannot come first.
+	err = reaper.WritePidFile(q.pidPath, proc.Identity())
+	q.mu.Lock()
+	q.proc, q.console = proc, cons
+	q.mu.Unlock()
+	close(q.launched)
+	go q.watch(proc, r, cons)
+	if err != nil {
+		return proc, fmt.Errorf("pid file: %w", err)
+	}
+	return proc, nil
+}
+
+// checkNoLiveMonitor refuses to reuse a state dir whose pid file names a
+// running process.
+func checkNoLiveMonitor(pidPath string) error {
+	id, err := reaper.ReadPidFile(pidPath)
+	if err != nil {
+		return nil
+	}
+	if running, _ := id.Running(); running {
+		return classify(errdefs.ErrAlreadyExists,
+			fmt.Errorf("%s names running vmm pid %d: kill it or use another state dir", pidPath, id.Pid))
+	}
+	return nil
+}
+
+// handshake waits until QMP answers, bounded by ctx and by the monitor's
+// exit.
+func (q *QEMU) handshake(ctx context.Context, proc *reaper.Process) error {
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-proc.Done():
+			cancel()
+		case <-hctx.Done():
+		}
+	}()
+	c, err := dialQMP(hctx, q.qmpPath)
+	if err == nil {
+		return c.Close()
+	}
+	// QEMU closing the socket usually means it is exiting: unless ctx
+	// ran out, give the reaper a moment so the error can say how it exited.
+	grace := exitAttributionGrace
+	if ctx.Err() != nil {
+		grace = 0
+	}
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-proc.Done():
+		e, _ := proc.Exit()
+		return fmt.Errorf("qemu exited during start: %v", e)
+	case <-t.C:
+		return err
+	}
+}
+
+// watch waits for the monitor's exit, lets the console drain, removes the
+// pid file and sockets, and closes done.
+func (q *QEMU) watch(proc *reaper.Process, out *os.File, cons *console) {
+	drained := make(chan struct{})
+	go func() {
+		cons.drain(out)
+		close(drained)
+	}()
+	<-proc.Done()
+	// Wait returns at once now; it releases the process's pidfd.
+	exit, _ := proc.Wait(context.Background())
+	t := time.NewTimer(drainGrace)
+	select {
+	case <-drained:
+	case <-t.C:
+		log.L.WithField("pid", exit.Pid).Warn("vmm console still open after exit: closing it")
+	}
+	t.Stop()
+	out.Close()
+	<-drained
+	if id, err := reaper.ReadPidFile(q.pidPath); err == nil && id == proc.Identity() {
+		os.Remove(q.pidPath)
+	}
+	os.Remove(q.qmpPath)
+	os.Remove(q.agentPath)
+	q.mu.Lock()
+	q.state = stateExited
+	q.exit = exit
+	q.mu.Unlock()
+	close(q.done)
+}
+
+// withDefaultDeadline bounds ctx by d unless it already has a deadline.
+func withDefaultDeadline(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, d)
+}
+
+// undoStack runs cleanups in reverse order unless released.
+type undoStack struct{ fns []func() }
+
+func (u *undoStack) add(fn func()) { u.fns = append(u.fns, fn) }
+func (u *undoStack) release()      { u.fns = nil }
+func (u *undoStack) run() {
+	for i := len(u.fns) - 1; i >= 0; i-- {
+		u.fns[i]()
+	}
+	u.fns = nil
+}

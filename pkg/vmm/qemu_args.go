@@ -1,0 +1,81 @@
+package vmm
+
+import (
+	"strconv"
+	"strings"
+)
+
+// baseKernelArgs start every guest command line: the console on the ISA
+// serial port, reboot by triple fault (with acpi=off QEMU otherwise takes
+// seconds to exit after the guest reboots), reboot at once on panic (which
+// -no-reboot turns into a QEMU exit), and a quiet boot.
+var baseKernelArgs = []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet"}
+
+// maxKernelCmdline leaves room in x86's 2048-byte command line for the
+// virtio_mmio.device= entries QEMU appends itself with acpi=off.
+const maxKernelCmdline = 1536
+
+// Names the guest sees: the 9p mount tag of Config.Rootfs and the agent port.
+const (
+	RootfsTag = "rootfs"
+	// AgentPortName is the virtio-serial port name the guest agent opens
+	// (/sys/class/virtio-ports/*/name).
+	AgentPortName = "agent"
+)
+
+// launchFDs are the child's descriptor numbers of the listening sockets
+// passed to QEMU (ExtraFiles start at 3).
+type launchFDs struct {
+	qmp   int
+	agent int
+}
+
+// qemuArgs builds the QEMU command line (without argv[0]) for a validated
+// config. The console goes to QEMU's stdout; the QMP and agent sockets are
+// listening sockets the caller already bound, passed as descriptors, so
+// their paths never go through QEMU's option parser.
+func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
+	args := []string{
+		"-M", "microvm,acpi=off,x-option-roms=off,isa-serial=on,pit=on,rtc=on",
+	}
+	args = append(args, accelArgs(accel)...)
+	args = append(args,
+		"-m", strconv.Itoa(c.MemoryMiB),
+		"-smp", strconv.Itoa(c.VCPUs),
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// -nodefaults drops the default serial: put the console on stdout.
+		"-chardev", "stdio,id=console,signal=off",
+		"-serial", "chardev:console",
+		"-kernel", c.Kernel,
+		"-initrd", c.Initrd,
+		"-append", kernelCmdline(c.KernelArgs),
+		"-fsdev", "local,id=fs0,path="+escapeOpt(c.Rootfs)+",security_model=none",
+		"-device", "virtio-9p-device,fsdev=fs0,mount_tag="+RootfsTag,
+		"-device", "virtio-serial-device",
+		"-chardev", "socket,id=agent,fd="+strconv.Itoa(fds.agent)+",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name="+AgentPortName,
+		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(fds.qmp)+",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
+	)
+	return args
+}
+
+// accelArgs selects the accelerator and a CPU model that works with it.
+func accelArgs(a Accel) []string {
+	if a == AccelKVM {
+		// Plain "host" aborts with "failed to set MSR 0x10a" on some hosts.
+		return []string{"-accel", "kvm", "-cpu", "host,-arch-capabilities"}
+	}
+	return []string{"-accel", "tcg", "-cpu", "max"}
+}
+
+// kernelCmdline joins the base arguments and extra ones.
+func kernelCmdline(extra []string) string {
+	return strings.Join(append(append([]string(nil), baseKernelArgs...), extra...), " ")
+}
+
+// escapeOpt escapes a value for QEMU's "key=value,..." option syntax, in
+// which a literal comma is written as two.
+func escapeOpt(v string) string {
+	return strings.ReplaceAll(v, ",", ",,")
+}
