@@ -1,0 +1,174 @@
+// Package agent is the host side of the guest agent API: it dials the VM's
+// virtio-serial socket, waits for boxlite-agent to answer, and bounds every
+// call with a deadline and every message with a size limit. The guest is
+// untrusted: a guest that sends garbage or oversized frames gets its
+// connection closed and the caller sees ErrProtocol.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/containerd/ttrpc"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
+)
+
+// Defaults for calls and long polls.
+const (
+	// DefaultCallTimeout bounds a call whose context has no deadline.
+	DefaultCallTimeout = 30 * time.Second
+	// pingAttempt bounds one readiness ping.
+	pingAttempt = 2 * time.Second
+	// ChunkSize is the most stdio bytes moved per call (the guest caps it too).
+	ChunkSize = 1 << 20
+)
+
+// Long-poll timing. These are variables only so that tests can shorten them;
+// nothing changes them at run time.
+var (
+	// pollWait is how long the guest holds a long poll (ReadStdio, WaitProcess, Events).
+	pollWait = 10 * time.Second
+	// pollMargin is added to pollWait for the host-side deadline of a long poll.
+	pollMargin = 10 * time.Second
+)
+
+// Client is a connection to one guest agent. Its embedded api.AgentService
+// methods may be called directly: each call without a deadline gets
+// DefaultCallTimeout.
+type Client struct {
+	api.AgentService
+
+	tc    *ttrpc.Client
+	guard *guardConn
+	done  chan struct{}
+}
+
+// Dial connects to the agent behind the unix socket path (QEMU's chardev
+// socket for the virtio-serial port) and waits until it answers Ping. ctx
+// bounds the whole wait, which includes the guest's boot.
+func Dial(ctx context.Context, path string) (*Client, *api.PingResponse, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial agent socket %s: %w", path, err)
+	}
+	c := newClient(conn)
+	resp, err := c.waitReady(ctx)
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	return c, resp, nil
+}
+
+// newClient wraps an established connection.
+func newClient(conn net.Conn) *Client {
+	g := newGuardConn(conn, MaxFrame)
+	c := &Client{guard: g, done: make(chan struct{})}
+	c.tc = ttrpc.NewClient(g,
+		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
+			// A call failed by a protocol violation reports it, not ttrpc.ErrClosed.
+			return c.classify(deadlineInterceptor(ctx, req, resp, info, invoke))
+		}),
+		ttrpc.WithOnClose(func() { close(c.done) }),
+	)
+	c.AgentService = api.NewAgentClient(c.tc)
+	return c
+}
+
+// deadlineInterceptor gives every call without a deadline the default one,
+// on the host and in the guest.
+func deadlineInterceptor(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		cancel = func() {}
+		defer cancel()
+		// ttrpc set the wire timeout from ctx before calling us: without
+		// this the guest would see no deadline and never give up.
+		req.TimeoutNano = DefaultCallTimeout.Nanoseconds()
+	}
+	err := invoke(ctx, req, resp)
+	failed := err != nil || resp.GetStatus().GetCode() != 0
+	if failed && !errors.Is(err, context.DeadlineExceeded) {
+		if dl, _ := ctx.Deadline(); !time.Now().Before(dl) {
+			// The guest holds the same deadline (req.TimeoutNano), and its
+			// failure status can arrive before ttrpc notices ours: report
+			// the call as timed out either way, so it is retried as one.
+			if err == nil {
+				err = errors.New(resp.GetStatus().GetMessage())
+			}
+			return fmt.Errorf("%w: guest: %v", context.DeadlineExceeded, err)
+		}
+	}
+	return err
+}
+
+// waitReady pings until the agent answers or ctx ends. A ping sent before
+// the guest opened its port stays buffered in the socket, so retries only
+// cover a lost message; a late answer to an earlier ping is ignored by ttrpc.
+func (c *Client) waitReady(ctx context.Context) (*api.PingResponse, error) {
+	for {
+		attempt, cancel := context.WithTimeout(ctx, pingAttempt)
+		resp, err := c.Ping(attempt, &api.PingRequest{})
+		cancel()
+		if err == nil {
+			return resp, nil
+		}
+		if perr := c.Err(); perr != nil {
+			return nil, perr
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("agent not ready: %w (last error: %v)", ctx.Err(), err)
+		case <-c.done:
+			return nil, fmt.Errorf("agent connection closed before it was ready: %v", err)
+		default:
+		}
+	}
+}
+
+// Done is closed when the connection ends, for whatever reason.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err returns the protocol violation that closed the connection, or nil.
+func (c *Client) Err() error { return c.guard.Err() }
+
+// Close closes the connection. Calls in flight fail.
+func (c *Client) Close() error {
+	err := c.tc.Close()
+	if errors.Is(err, ttrpc.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// fail closes the connection for a protocol violation found above the frame
+// level (a reply that breaks the API contract), so that Err, Done and later
+// calls report it like a violation the guard found. err must wrap
+// ErrProtocol; fail returns it.
+func (c *Client) fail(err error) error {
+	c.guard.fail(err)
+	c.Close()
+	return err
+}
+
+// classify returns the protocol violation behind a failed call, if there is
+// one, so callers can tell a broken guest from an ordinary error.
+func (c *Client) classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	if perr := c.Err(); perr != nil {
+		return perr
+	}
+	return err
+}
+
+// pollContext returns a context for a long poll of wait.
+func pollContext(ctx context.Context, wait time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, wait+pollMargin)
+}
