@@ -12,7 +12,9 @@ import (
 	"net"
 	"time"
 
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
+	"google.golang.org/grpc/status"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
 )
@@ -23,6 +25,8 @@ const (
 	DefaultCallTimeout = 30 * time.Second
 	// pingAttempt bounds one readiness ping.
 	pingAttempt = 2 * time.Second
+	// pingRetryPause separates readiness pings that failed fast.
+	pingRetryPause = 50 * time.Millisecond
 	// ChunkSize is the most stdio bytes moved per call (the guest caps it too).
 	ChunkSize = 1 << 20
 )
@@ -38,7 +42,9 @@ var (
 
 // Client is a connection to one guest agent. Its embedded api.AgentService
 // methods may be called directly: each call without a deadline gets
-// DefaultCallTimeout.
+// DefaultCallTimeout. Their errors carry the guest's errdefs class as a gRPC
+// status: use errgrpc.ToNative to test it. The helpers (CopyOutput,
+// CopyInput, Wait) return native errors.
 type Client struct {
 	api.AgentService
 
@@ -85,7 +91,7 @@ func newClient(conn net.Conn) *Client {
 func deadlineInterceptor(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
-		cancel = func() {}
+		ctx, cancel = context.WithTimeout(ctx, DefaultCallTimeout)
 		defer cancel()
 		// ttrpc set the wire timeout from ctx before calling us: without
 		// this the guest would see no deadline and never give up.
@@ -121,12 +127,17 @@ func (c *Client) waitReady(ctx context.Context) (*api.PingResponse, error) {
 		if perr := c.Err(); perr != nil {
 			return nil, perr
 		}
+		// A ping that failed fast (an error answer, not a timeout) is
+		// retried after a pause, so a broken guest cannot make us spin.
+		pause := time.NewTimer(pingRetryPause)
 		select {
 		case <-ctx.Done():
+			pause.Stop()
 			return nil, fmt.Errorf("agent not ready: %w (last error: %v)", ctx.Err(), err)
 		case <-c.done:
+			pause.Stop()
 			return nil, fmt.Errorf("agent connection closed before it was ready: %v", err)
-		default:
+		case <-pause.C:
 		}
 	}
 }
@@ -164,6 +175,13 @@ func (c *Client) classify(err error) error {
 	}
 	if perr := c.Err(); perr != nil {
 		return perr
+	}
+	// The guest's errdefs classes travel as gRPC status codes; restore them
+	// so callers can use errdefs.IsNotFound and friends. Local errors (our
+	// own deadlines) are left alone.
+	var remote interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &remote) {
+		return errgrpc.ToNative(err)
 	}
 	return err
 }

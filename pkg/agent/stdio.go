@@ -64,7 +64,12 @@ func (c *Client) CopyInput(ctx context.Context, id, execID string, r io.Reader) 
 				}
 				return int64(off), c.classify(err)
 			}
-			if resp.Written <= off || resp.Written > off+uint64(n-written) {
+			if resp.Written == off {
+				// No progress: the guest has nowhere to write (stdin was
+				// closed or the process went away). Not a protocol error.
+				return int64(off), fmt.Errorf("stdin of %s/%s: guest accepted no bytes at offset %d: %w", id, execID, off, errdefs.ErrFailedPrecondition)
+			}
+			if resp.Written < off || resp.Written > off+uint64(n-written) {
 				return int64(off), c.fail(fmt.Errorf("%w: WriteStdin moved offset from %d to %d", ErrProtocol, off, resp.Written))
 			}
 			written += int(resp.Written - off)
@@ -77,7 +82,7 @@ func (c *Client) CopyInput(ctx context.Context, id, execID string, r io.Reader) 
 			return int64(off), fmt.Errorf("read stdin: %w", rerr)
 		}
 	}
-	if _, err := c.CloseStdin(ctx, &api.CloseStdinRequest{Id: id, ExecId: execID}); err != nil && !errdefs.IsNotFound(err) {
+	if _, err := c.CloseStdin(ctx, &api.CloseStdinRequest{Id: id, ExecId: execID}); err != nil && !errdefs.IsNotFound(c.classify(err)) {
 		return int64(off), c.classify(err)
 	}
 	return int64(off), nil
