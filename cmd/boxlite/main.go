@@ -31,6 +31,7 @@ type cliEnv struct {
 func commands() []command {
 	return []command{
 		{name: "check", summary: "report whether boxes can run on this machine, and how to fix it if not", run: runCheck},
+		{name: "run", summary: "run a command in a new box and exit with its status", run: runRun},
 	}
 }
 
@@ -48,6 +49,10 @@ func main() {
 	case err == nil:
 	case errors.Is(err, errUsage):
 		os.Exit(2)
+	case errors.As(err, new(exitCodeError)):
+		var e exitCodeError
+		errors.As(err, &e)
+		os.Exit(e.code)
 	case errors.Is(err, errReported):
 		os.Exit(1)
 	default:
