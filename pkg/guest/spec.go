@@ -1,0 +1,197 @@
+package guest
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+const (
+	// maxSpecSize bounds CreateContainerRequest.spec.
+	maxSpecSize = 1 << 20
+	// maxProcessSize bounds ExecProcessRequest.process.
+	maxProcessSize = 256 << 10
+	// maxIDLength bounds container, exec and tag names.
+	maxIDLength = 64
+)
+
+// validateID checks that id is a safe name for a container, an exec or a
+// mount tag: 1 to 64 characters of [A-Za-z0-9_.-], and not "." or "..", so it
+// can be used as a path element.
+func validateID(kind, id string) error {
+	if id == "" || len(id) > maxIDLength {
+		return fmt.Errorf("%s %q must be 1 to %d characters: %w", kind, id, maxIDLength, errdefs.ErrInvalidArgument)
+	}
+	if id == "." || id == ".." {
+		return fmt.Errorf("%s %q is not a valid name: %w", kind, id, errdefs.ErrInvalidArgument)
+	}
+	for _, r := range id {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '.' || r == '-'
+		if !ok {
+			return fmt.Errorf("%s %q may only contain [A-Za-z0-9_.-]: %w", kind, id, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+// specEdit says how the agent rewrites the host's spec for the guest.
+type specEdit struct {
+	// rootPath replaces root.path: the guest mount of the rootfs.
+	rootPath string
+	// cgroupsPath replaces linux.cgroupsPath.
+	cgroupsPath string
+	// terminal replaces process.terminal: the agent decides how stdio is set.
+	terminal bool
+}
+
+// rewriteSpec rewrites an OCI spec from the host for the guest and returns it
+// with its decoded form. Host-only fields are rewritten: hooks are dropped
+// (they are host commands), linux.cgroupsPath is set, namespace paths are
+// dropped (their types kept), root.path and process.terminal are set.
+// Everything else, including fields this agent does not know, is kept as is.
+func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
+	if len(data) > maxSpecSize {
+		return nil, nil, fmt.Errorf("spec of %d bytes exceeds %d: %w", len(data), maxSpecSize, errdefs.ErrInvalidArgument)
+	}
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(data, &doc); err != nil || doc == nil {
+		return nil, nil, fmt.Errorf("spec is not a JSON object: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if raw, ok := doc["process"]; !ok || string(raw) == "null" {
+		return nil, nil, fmt.Errorf("spec has no process: %w", errdefs.ErrInvalidArgument)
+	}
+	delete(doc, "hooks")
+	if err := clampVersion(doc); err != nil {
+		return nil, nil, err
+	}
+	if err := editObject(doc, "root", func(root map[string]json.RawMessage) error {
+		return setField(root, "path", edit.rootPath)
+	}); err != nil {
+		return nil, nil, err
+	}
+	if err := editObject(doc, "process", func(p map[string]json.RawMessage) error {
+		return setField(p, "terminal", edit.terminal)
+	}); err != nil {
+		return nil, nil, err
+	}
+	if err := editObject(doc, "linux", func(linux map[string]json.RawMessage) error {
+		if err := setField(linux, "cgroupsPath", edit.cgroupsPath); err != nil {
+			return err
+		}
+		return dropNamespacePaths(linux)
+	}); err != nil {
+		return nil, nil, err
+	}
+	out, err := json.Marshal(doc)
+	if err != nil {
+		return nil, nil, fmt.Errorf("encode spec: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(out, &spec); err != nil {
+		return nil, nil, fmt.Errorf("spec does not decode: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if len(spec.Process.Args) == 0 && spec.Process.CommandLine == "" {
+		return nil, nil, fmt.Errorf("spec process has no args: %w", errdefs.ErrInvalidArgument)
+	}
+	return out, &spec, nil
+}
+
+// guestSpecVersion is the newest runtime-spec version the guest's runtime
+// accepts: crun 1.8.1 (Debian 12) refuses anything above 1.1.x with "unknown
+// version specified", while containerd 2.4 writes 1.3.0. The fields that
+// containerd sets are understood by both, and unknown ones are ignored.
+const guestSpecVersion = "1.1.0"
+
+// clampVersion lowers ociVersion to guestSpecVersion when it is newer.
+func clampVersion(doc map[string]json.RawMessage) error {
+	raw, ok := doc["ociVersion"]
+	if !ok {
+		return nil // the runtime decides
+	}
+	var v string
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return fmt.Errorf("spec ociVersion is not a string: %w", errdefs.ErrInvalidArgument)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(v, "%d.%d", &major, &minor); err != nil {
+		return fmt.Errorf("spec ociVersion %q is not a version: %w", v, errdefs.ErrInvalidArgument)
+	}
+	if major != 1 {
+		return fmt.Errorf("spec ociVersion %q: only 1.x is supported: %w", v, errdefs.ErrInvalidArgument)
+	}
+	if minor > 1 {
+		return setField(doc, "ociVersion", guestSpecVersion)
+	}
+	return nil
+}
+
+// editObject decodes the object doc[key] (an empty one when absent), lets fn
+// edit it, and stores it back.
+func editObject(doc map[string]json.RawMessage, key string, fn func(map[string]json.RawMessage) error) error {
+	obj := map[string]json.RawMessage{}
+	if raw, ok := doc[key]; ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &obj); err != nil || obj == nil {
+			return fmt.Errorf("spec %s is not an object: %v: %w", key, err, errdefs.ErrInvalidArgument)
+		}
+	}
+	if err := fn(obj); err != nil {
+		return err
+	}
+	raw, err := json.Marshal(obj)
+	if err != nil {
+		return fmt.Errorf("encode spec %s: %w", key, err)
+	}
+	doc[key] = raw
+	return nil
+}
+
+// setField stores v, JSON-encoded, as obj[key].
+func setField(obj map[string]json.RawMessage, key string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", key, err)
+	}
+	obj[key] = raw
+	return nil
+}
+
+// dropNamespacePaths removes the path of every namespace in
+// linux.namespaces: a path names a namespace of the host, so the guest runtime
+// creates a new namespace of the same type instead.
+func dropNamespacePaths(linux map[string]json.RawMessage) error {
+	raw, ok := linux["namespaces"]
+	if !ok || string(raw) == "null" {
+		return nil
+	}
+	var nss []map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &nss); err != nil {
+		return fmt.Errorf("spec linux.namespaces is not a list of objects: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	for _, ns := range nss {
+		delete(ns, "path")
+	}
+	out, err := json.Marshal(nss)
+	if err != nil {
+		return fmt.Errorf("encode namespaces: %w", err)
+	}
+	linux["namespaces"] = out
+	return nil
+}
+
+// decodeProcess decodes an exec's OCI process from the host.
+func decodeProcess(data []byte, terminal bool) (*specs.Process, error) {
+	if len(data) > maxProcessSize {
+		return nil, fmt.Errorf("process of %d bytes exceeds %d: %w", len(data), maxProcessSize, errdefs.ErrInvalidArgument)
+	}
+	var p specs.Process
+	if err := json.Unmarshal(data, &p); err != nil {
+		return nil, fmt.Errorf("process is not valid JSON: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	if len(p.Args) == 0 && p.CommandLine == "" {
+		return nil, fmt.Errorf("process has no args: %w", errdefs.ErrInvalidArgument)
+	}
+	p.Terminal = terminal
+	return &p, nil
+}
