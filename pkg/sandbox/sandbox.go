@@ -24,6 +24,10 @@ import (
 // DefaultBootTimeout bounds the wait for the guest agent after launch.
 const DefaultBootTimeout = 60 * time.Second
 
+// exitAttributionGrace is how long a failed boot waits for the VM's exit to
+// tell a dead guest from a broken one.
+const exitAttributionGrace = 2 * time.Second
+
 // consoleLines is how many console lines a boot error quotes.
 const consoleLines = 15
 
@@ -103,12 +107,20 @@ func (s *Sandbox) boot(ctx context.Context, timeout time.Duration) error {
 		s.agent, s.Info, s.BootTime = c, info, time.Since(began)
 		return nil
 	}
+	// The agent socket closes as QEMU dies, a moment before the reaper
+	// has collected it: unless the boot timed out, give the exit that
+	// moment so the error says the VM died rather than "connection closed".
 	died := false
+	grace := time.NewTimer(exitAttributionGrace)
+	if bctx.Err() != nil {
+		grace.Reset(0)
+	}
 	select {
 	case <-s.vm.Done():
 		died = true
-	default:
+	case <-grace.C:
 	}
+	grace.Stop()
 	if kerr := s.vm.Kill(); kerr != nil {
 		err = errors.Join(err, kerr)
 	}
