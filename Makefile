@@ -1,0 +1,85 @@
+# boxlite — run `make help` for the targets.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin
+GOFLAGS_BUILD := -trimpath
+
+# Build outputs (never committed): binaries, the guest kernel, the initramfs, a busybox rootfs.
+KERNEL := $(BIN)/vmlinux
+INITRD := $(BIN)/initramfs.cpio
+ROOTFS := $(BIN)/rootfs
+GO_SOURCES := $(shell find cmd pkg -name '*.go' -not -name '*_test.go' 2>/dev/null) go.mod go.sum
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: setup
+setup: ## Install the Debian packages boxlite needs (idempotent; root).
+	@bash scripts/setup.sh
+
+.PHONY: build
+build: $(BIN)/boxlite $(KERNEL) $(INITRD) $(ROOTFS) ## Build the manager, the guest kernel and initramfs, and a busybox rootfs.
+
+$(BIN)/boxlite: $(GO_SOURCES)
+	$(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/boxlite
+
+.PHONY: kernel
+kernel: ## Build the guest kernel (cached in /var/cache/boxlite by config hash).
+	@bash scripts/build-kernel.sh $(KERNEL)
+
+$(KERNEL): guest/kernel.config scripts/build-kernel.sh
+	@bash scripts/build-kernel.sh $(KERNEL)
+
+.PHONY: initramfs
+initramfs: ## Build the guest initramfs (boxlite-agent as /init, plus crun).
+	@bash scripts/build-initramfs.sh $(INITRD)
+
+$(INITRD): $(GO_SOURCES) scripts/build-initramfs.sh
+	@bash scripts/build-initramfs.sh $(INITRD)
+
+$(ROOTFS): scripts/build-rootfs.sh
+	@bash scripts/build-rootfs.sh $(ROOTFS)
+
+.PHONY: rootfs
+rootfs: ## Build the busybox rootfs used by the demo.
+	@bash scripts/build-rootfs.sh $(ROOTFS)
+
+.PHONY: demo
+demo: setup build ## Install, build, and run a box that prints its guest kernel version.
+	$(BIN)/boxlite run --rm --rootfs $(ROOTFS) -- uname -r
+
+.PHONY: check
+check: $(BIN)/boxlite ## Tell whether boxes can run on this machine.
+	$(BIN)/boxlite check
+
+.PHONY: unit
+unit: ## Run the unit tests (with -race).
+	$(GO) test -race -count=1 ./pkg/... ./cmd/...
+
+.PHONY: integration
+integration: build ## Run the integration tests (boot real microVMs).
+	$(GO) test -count=1 -timeout 40m -v ./integration/...
+
+.PHONY: test
+test: setup build lint unit integration ## Everything CI runs: setup, build, lint, unit and integration tests.
+
+.PHONY: lint
+lint: ## go vet and gofmt.
+	$(GO) vet ./...
+	@out=$$(gofmt -l cmd pkg integration); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+.PHONY: bench
+bench: build ## Run the benchmarks and print the tables.
+	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./pkg/reaper/ ./pkg/agent/
+	$(GO) test -run '^$$' -bench . -benchtime 7x -count 1 -timeout 30m ./integration/...
+
+.PHONY: proto
+proto: ## Regenerate the agent API (needs protoc; pinned generators).
+	@bash scripts/genproto.sh
+
+.PHONY: clean
+clean: ## Remove build outputs (the kernel cache in /var/cache/boxlite stays).
+	rm -rf $(BIN)
