@@ -21,10 +21,13 @@ setup: ## Install the Debian packages boxlite needs (idempotent; root).
 	@bash scripts/setup.sh
 
 .PHONY: build
-build: $(BIN)/boxlite $(KERNEL) $(INITRD) $(ROOTFS) ## Build the manager, the guest kernel and initramfs, and a busybox rootfs.
+build: $(BIN)/boxlite $(BIN)/containerd-shim-boxlite-v1 $(KERNEL) $(INITRD) $(ROOTFS) ## Build the manager, the shim, the guest kernel and initramfs, and a busybox rootfs.
 
 $(BIN)/boxlite: $(GO_SOURCES)
 	$(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/boxlite
+
+$(BIN)/containerd-shim-boxlite-v1: $(GO_SOURCES)
+	$(GO) build $(GOFLAGS_BUILD) -o $@ ./cmd/containerd-shim-boxlite-v1
 
 .PHONY: kernel
 kernel: ## Build the guest kernel (cached in /var/cache/boxlite by config hash).

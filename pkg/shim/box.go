@@ -1,0 +1,207 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/sandbox"
+	"github.com/boxlite/boxlite/pkg/vmm"
+)
+
+// maxSpecFile bounds the bundle's config.json.
+const maxSpecFile = 1 << 20
+
+// stopTimeout bounds a graceful VM stop before SIGKILL.
+const stopTimeout = 10 * time.Second
+
+// box is one microVM running one container.
+type box struct {
+	id, ns, bundle string
+	// spec is the bundle's config.json as read.
+	spec []byte
+	// rootfs is the directory shared with the guest.
+	rootfs string
+	// mounted says the shim mounted rootfs from CreateTaskRequest.Rootfs.
+	mounted bool
+	// stateDir holds the VMM's sockets, console log and pid file.
+	stateDir string
+	sb       *sandbox.Sandbox
+	init     *process
+
+	// mu guards execs.
+	mu sync.Mutex
+	// execs by exec id. Guarded by mu.
+	execs map[string]*process
+}
+
+// readSpec reads and checks the bundle's OCI spec.
+func readSpec(bundle string) ([]byte, *specs.Spec, error) {
+	path := filepath.Join(bundle, "config.json")
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("bundle spec: %w", errdefs.ErrInvalidArgument)
+	}
+	defer f.Close()
+	data := make([]byte, maxSpecFile+1)
+	n, _ := io.ReadFull(f, data)
+	if n > maxSpecFile {
+		return nil, nil, fmt.Errorf("%s exceeds %d bytes: %w", path, maxSpecFile, errdefs.ErrInvalidArgument)
+	}
+	data = data[:n]
+	var spec specs.Spec
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return nil, nil, fmt.Errorf("%s is not a valid OCI spec: %v: %w", path, err, errdefs.ErrInvalidArgument)
+	}
+	if spec.Process == nil || len(spec.Process.Args) == 0 {
+		return nil, nil, fmt.Errorf("%s has no process to run (process.args is empty): %w", path, errdefs.ErrInvalidArgument)
+	}
+	if spec.Root == nil || spec.Root.Path == "" {
+		return nil, nil, fmt.Errorf("%s has no root.path: %w", path, errdefs.ErrInvalidArgument)
+	}
+	return data, &spec, nil
+}
+
+// prepareRootfs mounts containerd's rootfs mounts on <bundle>/rootfs, or
+// checks the spec's root.path. It returns the directory to share.
+func prepareRootfs(bundle string, spec *specs.Spec, mounts []*types.Mount) (string, bool, error) {
+	if len(mounts) == 0 {
+		root := spec.Root.Path
+		if !filepath.IsAbs(root) {
+			root = filepath.Join(bundle, root)
+		}
+		st, err := os.Stat(root)
+		if err != nil {
+			return "", false, fmt.Errorf("rootfs %s: %w", root, errdefs.ErrInvalidArgument)
+		}
+		if !st.IsDir() {
+			return "", false, fmt.Errorf("rootfs %s is not a directory: %w", root, errdefs.ErrInvalidArgument)
+		}
+		return root, false, nil
+	}
+	target := filepath.Join(bundle, "rootfs")
+	if err := os.MkdirAll(target, 0o711); err != nil {
+		return "", false, err
+	}
+	var ms []mount.Mount
+	for _, m := range mounts {
+		ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	}
+	if err := mount.All(ms, target); err != nil {
+		return "", false, fmt.Errorf("mount rootfs on %s: %w", target, err)
+	}
+	return target, true, nil
+}
+
+// bootBox boots the box's VM. ctx bounds the boot only.
+func bootBox(ctx context.Context, b *box, spec *specs.Spec) error {
+	o, err := parseVMOptions(spec)
+	if err != nil {
+		return err
+	}
+	kernel, err := vmm.FindKernel(o.kernel)
+	if err != nil {
+		return err
+	}
+	initrd, err := vmm.FindInitrd(o.initrd)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(b.stateDir, 0o700); err != nil {
+		return fmt.Errorf("vm state directory: %w", err)
+	}
+	sb, err := sandbox.Start(ctx, sandbox.Config{
+		VM: vmm.Config{
+			Kernel: kernel, Initrd: initrd, Rootfs: b.rootfs, StateDir: b.stateDir,
+			VCPUs: o.vcpus, MemoryMiB: o.memoryMiB, Accel: o.accel,
+		},
+		BootTimeout: o.bootTimeout,
+	})
+	if err != nil {
+		return err
+	}
+	b.sb = sb
+	return nil
+}
+
+// vmmPid is the VMM's pid: the "pid" of every task in the box, as Kata does.
+func (b *box) vmmPid() uint32 {
+	if b.sb == nil {
+		return 0
+	}
+	return uint32(b.sb.VM().Identity().Pid)
+}
+
+// process returns the init (execID "") or an exec.
+func (b *box) process(execID string) (*process, error) {
+	if execID == "" {
+		return b.init, nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p, ok := b.execs[execID]
+	if !ok {
+		return nil, fmt.Errorf("exec %s in %s: %w", execID, b.id, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+// processes returns the init and every exec.
+func (b *box) processes() []*process {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ps := []*process{b.init}
+	for _, p := range b.execs {
+		ps = append(ps, p)
+	}
+	return ps
+}
+
+// teardown stops the VM (graceful, then SIGKILL at the deadline) and, only
+// once the VMM is reaped, unmounts the rootfs and removes the state
+// directory. An error names the live pid and leaves the files in place.
+func (b *box) teardown(ctx context.Context) error {
+	if b.sb != nil {
+		if err := b.sb.Agent().Err(); err == nil {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if _, err := b.sb.Agent().DeleteContainer(dctx, &api.DeleteContainerRequest{Id: b.id, Force: true}); err != nil {
+				log.G(ctx).WithError(err).WithField("id", b.id).Debug("delete container in guest")
+			}
+			cancel()
+		}
+		sctx, cancel := context.WithTimeout(ctx, stopTimeout)
+		err := b.sb.Stop(sctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("stop vm of %s: %w", b.id, err)
+		}
+	}
+	var errs []error
+	for _, p := range b.processes() {
+		if r := p.getRelay(); r != nil {
+			r.close()
+		}
+	}
+	if b.mounted {
+		if err := mount.UnmountRecursive(b.rootfs, 0); err != nil {
+			errs = append(errs, fmt.Errorf("unmount rootfs %s: %w", b.rootfs, err))
+		}
+	}
+	if err := os.RemoveAll(b.stateDir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

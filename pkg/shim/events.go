@@ -1,0 +1,197 @@
+package shim
+
+import (
+	"context"
+	"time"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	"github.com/containerd/containerd/v2/core/runtime"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/log"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
+)
+
+// exitStatusVMDied is every task's status when the VM dies under it.
+const exitStatusVMDied = 137
+
+// publisher sends events to containerd one at a time, in the order they were
+// queued. The queue is unbounded so no producer ever blocks or drops.
+type publisher struct {
+	// ns is the namespace events are published in.
+	ns    string
+	pub   shim.Publisher
+	queue chan any
+	done  chan struct{}
+}
+
+func newPublisher(ns string, pub shim.Publisher) *publisher {
+	p := &publisher{ns: ns, pub: pub, queue: make(chan any, 128), done: make(chan struct{})}
+	go p.run()
+	return p
+}
+
+// send queues an event.
+func (p *publisher) send(evt any) { p.queue <- evt }
+
+func (p *publisher) run() {
+	defer close(p.done)
+	for evt := range p.queue {
+		topic := topicOf(evt)
+		ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), p.ns), 10*time.Second)
+		if err := p.pub.Publish(ctx, topic, evt); err != nil {
+			log.L.WithError(err).WithField("topic", topic).Warn("publish event")
+		}
+		cancel()
+	}
+}
+
+// close flushes queued events and closes the publisher, bounded.
+func (p *publisher) close() {
+	close(p.queue)
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	select {
+	case <-p.done:
+	case <-t.C:
+	}
+	p.pub.Close()
+}
+
+func topicOf(evt any) string {
+	switch evt.(type) {
+	case *eventstypes.TaskCreate:
+		return runtime.TaskCreateEventTopic
+	case *eventstypes.TaskStart:
+		return runtime.TaskStartEventTopic
+	case *eventstypes.TaskOOM:
+		return runtime.TaskOOMEventTopic
+	case *eventstypes.TaskExit:
+		return runtime.TaskExitEventTopic
+	case *eventstypes.TaskDelete:
+		return runtime.TaskDeleteEventTopic
+	case *eventstypes.TaskExecAdded:
+		return runtime.TaskExecAddedEventTopic
+	case *eventstypes.TaskExecStarted:
+		return runtime.TaskExecStartedEventTopic
+	case *eventstypes.TaskPaused:
+		return runtime.TaskPausedEventTopic
+	case *eventstypes.TaskResumed:
+		return runtime.TaskResumedEventTopic
+	}
+	return runtime.TaskUnknownTopic
+}
+
+// watchGuest turns the guest's events into task events: OOM as it comes
+// (the guest orders it before the matching exit), exits once the process's
+// output is drained. When the VM dies, every process that has not exited
+// exits with 137. It returns when the VM is gone.
+func (s *service) watchGuest(b *box) {
+	c := b.sb.Agent()
+	var after uint64
+	for {
+		select {
+		case <-b.sb.Done():
+			s.vmDied(b)
+			return
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		resp, err := c.Events(ctx, &api.EventsRequest{After: after, WaitMs: 10000})
+		cancel()
+		if err != nil {
+			select {
+			case <-b.sb.Done():
+			case <-c.Done():
+				// The agent connection is gone; the VM follows (sandbox
+				// kills a guest that broke the protocol).
+				<-b.sb.Done()
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
+		}
+		if resp.Missed {
+			log.L.WithField("id", b.id).Warn("guest events were missed: resynchronising")
+			s.resync(b)
+		}
+		for _, e := range resp.Events {
+			after = e.Seq
+			s.guestEvent(b, e)
+		}
+	}
+}
+
+// guestEvent handles one event from the guest.
+func (s *service) guestEvent(b *box, e *api.Event) {
+	switch e.Kind {
+	case api.EventKind_OOM:
+		s.events.send(&eventstypes.TaskOOM{ContainerID: b.id})
+	case api.EventKind_EXIT:
+		p, err := b.process(e.ExecId)
+		if err != nil || e.Id != b.id {
+			return
+		}
+		go s.finishExit(b, p, exitInfo{status: e.ExitStatus, at: time.Unix(0, e.TimeUnixNs)})
+	}
+}
+
+// resync asks the guest for the exit of every process still running.
+func (s *service) resync(b *box) {
+	for _, p := range b.processes() {
+		if st, _ := p.current(); st != stateRunning && st != statePaused {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		resp, err := b.sb.Agent().WaitProcess(ctx, &api.WaitProcessRequest{Id: p.id, ExecId: p.execID})
+		cancel()
+		if err == nil && resp.Exited {
+			if resp.OomKilled {
+				s.events.send(&eventstypes.TaskOOM{ContainerID: b.id})
+			}
+			go s.finishExit(b, p, exitInfo{status: resp.ExitStatus, at: time.Unix(0, resp.ExitedAtUnixNs)})
+		}
+	}
+}
+
+// finishExit drains the process's output, records the exit and publishes
+// TaskExit after the process's start event.
+func (s *service) finishExit(b *box, p *process, e exitInfo) {
+	<-p.started
+	if r := p.getRelay(); r != nil {
+		r.drain()
+	}
+	if !p.setExited(e) {
+		return
+	}
+	s.events.send(&eventstypes.TaskExit{
+		ContainerID: b.id, ID: p.execIDOrID(), Pid: b.vmmPid(),
+		ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at),
+	})
+}
+
+// vmDied records exit 137 for every process of a box whose VM is gone.
+func (s *service) vmDied(b *box) {
+	now := time.Now()
+	for _, p := range b.processes() {
+		st, _ := p.current()
+		if st == stateCreated {
+			// Never started: it cannot run any more; Start will fail.
+			p.markStarted()
+		}
+		if r := p.getRelay(); r != nil {
+			r.close()
+		}
+		go s.finishExit(b, p, exitInfo{status: exitStatusVMDied, at: now})
+	}
+}
+
+// execIDOrID is the process id containerd uses in events: the exec id, or
+// the container id for init.
+func (p *process) execIDOrID() string {
+	if p.execID == "" {
+		return p.id
+	}
+	return p.execID
+}

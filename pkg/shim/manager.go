@@ -1,0 +1,147 @@
+package shim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/boxlite/boxlite/pkg/reaper"
+	"github.com/boxlite/boxlite/pkg/vmm"
+)
+
+// manager implements the shim binary's start and delete actions.
+type manager struct{ name string }
+
+var _ shim.Shim = manager{}
+
+// NewManager returns the shim manager for the runtime name
+// (io.containerd.boxlite.v1).
+func NewManager(name string) shim.Shim { return manager{name: name} }
+
+// Name returns the runtime name.
+func (m manager) Name() string { return m.name }
+
+// Start is the "start" action: it spawns the long-lived shim for one box
+// with its listening socket as fd 3, and returns the socket's address. The
+// spawned shim is not waited for here: this process exits at once and the
+// shim is reparented to containerd (or the manager), its subreaper.
+func (m manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	id := params.GetInstanceID()
+	if id == "" {
+		return nil, fmt.Errorf("bootstrap params carry no instance id: %w", errdefs.ErrInvalidArgument)
+	}
+	ns := params.GetNamespace()
+	if ns == "" {
+		ns, _ = namespaces.Namespace(ctx)
+	}
+	socketDir := params.GetSocketDir()
+	if socketDir == "" {
+		socketDir = filepath.Join(filepath.Dir(stateRoot), "s")
+	}
+	addr, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
+	if err != nil {
+		return nil, err
+	}
+	l, err := shim.NewSocket(addr)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return nil, fmt.Errorf("create shim socket %s: %w", addr, err)
+		}
+		if shim.CanConnect(addr) {
+			// A shim for this id already runs: containerd reuses it.
+			return &bootapi.BootstrapResult{Version: 3, Address: addr, Protocol: "ttrpc"}, nil
+		}
+		if err := shim.RemoveSocket(addr); err != nil {
+			return nil, fmt.Errorf("remove stale shim socket: %w", err)
+		}
+		if l, err = shim.NewSocket(addr); err != nil {
+			return nil, fmt.Errorf("create shim socket %s: %w", addr, err)
+		}
+	}
+	f, err := l.File()
+	// The socket file must outlive this process's listener: the spawned
+	// shim serves on the inherited fd.
+	l.SetUnlinkOnClose(false)
+	l.Close()
+	if err != nil {
+		shim.RemoveSocket(addr)
+		return nil, err
+	}
+	defer f.Close()
+	defer func() {
+		if retErr != nil {
+			shim.RemoveSocket(addr)
+		}
+	}()
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", params.GetContainerdGrpcAddress()}
+	if params.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir, _ = os.Getwd()
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=2")
+	cmd.ExtraFiles = []*os.File{f}
+	// Its own process group: a signal to containerd's group (Ctrl-C on a
+	// foreground containerd) does not reach the shim.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// No oom_score_adj change: a negative one fails with EPERM here, and
+	// the shim keeps its parent's score.
+	if _, err := reaper.Default().Start(cmd); err != nil {
+		return nil, fmt.Errorf("start shim: %w", err)
+	}
+	return &bootapi.BootstrapResult{Version: 3, Address: addr, Protocol: "ttrpc"}, nil
+}
+
+// Stop is the "delete" action, run by containerd (or the manager) when the
+// shim is gone: it kills the box's VMM found through its pid file (checked
+// against the process start time, so a reused pid is never hit), waits for
+// it to be gone, and only then unmounts the rootfs and removes the VM state.
+// The task's exit is reported as 137.
+func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	ns, _ := namespaces.Namespace(ctx)
+	bundle, err := os.Getwd()
+	if err != nil {
+		return shim.StopStatus{}, err
+	}
+	if opts, ok := ctx.Value(shim.OptsKey{}).(shim.Opts); ok && opts.BundlePath != "" {
+		bundle = opts.BundlePath
+	}
+	stateDir := boxStateDir(ns, id)
+	kctx, cancel := context.WithTimeout(ctx, stopTimeout)
+	defer cancel()
+	vm, err := vmm.KillStale(kctx, stateDir)
+	if err != nil {
+		return shim.StopStatus{}, fmt.Errorf("delete %s: %w", id, err)
+	}
+	rootfs := filepath.Join(bundle, "rootfs")
+	if err := mount.UnmountRecursive(rootfs, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("unmount rootfs")
+	}
+	if err := os.RemoveAll(stateDir); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("remove vm state")
+	}
+	return shim.StopStatus{Pid: vm.Pid, ExitStatus: exitStatusVMDied, ExitedAt: time.Now()}, nil
+}
+
+// Info describes the runtime.
+func (m manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	return &types.RuntimeInfo{Name: m.name}, nil
+}
