@@ -141,7 +141,7 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	go s.watchGuest(b)
 	s.events.send(&eventstypes.TaskCreate{
 		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Checkpoint: r.Checkpoint,
-		IO: &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+		IO:  &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
 		Pid: b.vmmPid(),
 	})
 	return &taskAPI.CreateTaskResponse{Pid: b.vmmPid()}, nil

@@ -53,7 +53,7 @@ type relay struct {
 	// outDone is closed when every output stream reached EOF or failed.
 	outDone chan struct{}
 	// inDone is closed when the stdin copy ended.
-	inDone chan struct{}
+	inDone    chan struct{}
 	closeOnce sync.Once
 }
 
