@@ -13,7 +13,12 @@ import (
 func main() {
 	boxshim.Register()
 	shim.RunShim(context.Background(), boxshim.NewManager("io.containerd.boxlite.v1"),
-		// pkg/reaper is the one owner of wait: the library's SIGCHLD
-		// reaper would race it and steal exit statuses.
-		func(c *shim.Config) { c.NoReaper = true })
+		func(c *shim.Config) {
+			// pkg/reaper is the one owner of wait: the library's SIGCHLD
+			// reaper would race it and steal exit statuses.
+			c.NoReaper = true
+			// pkg/shim logs to the bundle's log FIFO when someone reads
+			// it, to shim.log otherwise, instead of blocking on it.
+			c.NoSetupLogger = true
+		})
 }

@@ -21,6 +21,7 @@ func Register() {
 			// The one owner of wait in this process (the library's
 			// reaper is off: shim.Config.NoReaper).
 			reaper.Default()
+			setupLogging(ic.Context)
 			pp, err := ic.GetByID(plugins.EventPlugin, "publisher")
 			if err != nil {
 				return nil, err
