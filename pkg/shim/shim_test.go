@@ -1,0 +1,188 @@
+package shim
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+func TestProcessTransitionsAreExplicit(t *testing.T) {
+	p := newProcess("box", "", stdioConfig{}, nil)
+	if err := p.transition("delete", stateDeleted, stateStopped); !errdefs.IsFailedPrecondition(err) ||
+		!strings.Contains(err.Error(), "cannot delete box in created state") {
+		t.Fatalf("delete of a created process that must be stopped: %v", err)
+	}
+	if err := p.transition("start", stateRunning, stateCreated); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.transition("start", stateRunning, stateCreated); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("second start: %v", err)
+	}
+	if !p.setExited(exitInfo{status: 3, at: time.Unix(1, 0)}) {
+		t.Fatal("first exit not recorded")
+	}
+	if p.setExited(exitInfo{status: 137}) {
+		t.Fatal("second exit overwrote the first")
+	}
+	st, e := p.current()
+	if st != stateStopped || e.status != 3 {
+		t.Fatalf("state %v exit %+v; want stopped with 3", st, e)
+	}
+}
+
+func TestWaitReturnsTheRecordedExitToEveryCaller(t *testing.T) {
+	p := newProcess("box", "e1", stdioConfig{}, nil)
+	results := make(chan exitInfo, 3)
+	for i := 0; i < 3; i++ {
+		go func() {
+			e, _ := p.wait(context.Background())
+			results <- e
+		}()
+	}
+	p.setExited(exitInfo{status: 143, at: time.Now()})
+	for i := 0; i < 3; i++ {
+		select {
+		case e := <-results:
+			if e.status != 143 {
+				t.Fatalf("waiter got %d", e.status)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("waiter not released")
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	q := newProcess("box", "e2", stdioConfig{}, nil)
+	if _, err := q.wait(ctx); err == nil {
+		t.Fatal("wait ignored its context")
+	}
+}
+
+func TestParseVMOptions(t *testing.T) {
+	tests := []struct {
+		name string
+		ann  map[string]string
+		want vmOptions
+		bad  string
+	}{
+		{"none", nil, vmOptions{}, ""},
+		{"all", map[string]string{AnnotationVCPUs: "2", AnnotationMemory: "512", AnnotationAccel: "tcg",
+			AnnotationKernel: "/k", AnnotationInitrd: "/i", AnnotationBootTimeout: "90s"},
+			vmOptions{vcpus: 2, memoryMiB: 512, accel: "tcg", kernel: "/k", initrd: "/i", bootTimeout: 90 * time.Second}, ""},
+		{"vcpus zero", map[string]string{AnnotationVCPUs: "0"}, vmOptions{}, AnnotationVCPUs},
+		{"vcpus text", map[string]string{AnnotationVCPUs: "two"}, vmOptions{}, AnnotationVCPUs},
+		{"memory too small", map[string]string{AnnotationMemory: "8"}, vmOptions{}, AnnotationMemory},
+		{"unknown accel", map[string]string{AnnotationAccel: "hvf"}, vmOptions{}, AnnotationAccel},
+		{"bad timeout", map[string]string{AnnotationBootTimeout: "-1s"}, vmOptions{}, AnnotationBootTimeout},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVMOptions(&specs.Spec{Annotations: tt.ann})
+			if tt.bad != "" {
+				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tt.bad) {
+					t.Fatalf("err = %v; want invalid argument naming %s", err, tt.bad)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestReadSpecRejectsBadBundles(t *testing.T) {
+	tests := []struct {
+		name, config, want string
+	}{
+		{"missing", "", "bundle spec"},
+		{"garbage", "{not json", "not a valid OCI spec"},
+		{"no process", `{"root": {"path": "rootfs"}}`, "no process to run"},
+		{"no args", `{"process": {"cwd": "/"}, "root": {"path": "rootfs"}}`, "no process to run"},
+		{"no root", `{"process": {"args": ["sh"]}}`, "no root.path"},
+		{"too big", `{"x": "` + strings.Repeat("a", maxSpecFile) + `"}`, "exceeds"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tt.config != "" {
+				os.WriteFile(filepath.Join(dir, "config.json"), []byte(tt.config), 0o644)
+			}
+			_, _, err := readSpec(dir)
+			if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v; want invalid argument mentioning %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestPrepareRootfsChecksTheSpecRoot(t *testing.T) {
+	bundle := t.TempDir()
+	os.Mkdir(filepath.Join(bundle, "rootfs"), 0o755)
+	os.WriteFile(filepath.Join(bundle, "file"), nil, 0o644)
+	tests := []struct {
+		root, want string
+		bad        bool
+	}{
+		{root: "rootfs", want: filepath.Join(bundle, "rootfs")},
+		{root: filepath.Join(bundle, "rootfs"), want: filepath.Join(bundle, "rootfs")},
+		{root: "missing", bad: true},
+		{root: "file", bad: true},
+	}
+	for _, tt := range tests {
+		got, mounted, err := prepareRootfs(bundle, &specs.Spec{Root: &specs.Root{Path: tt.root}}, []*types.Mount(nil))
+		if tt.bad {
+			if !errdefs.IsInvalidArgument(err) {
+				t.Errorf("root %s: err = %v; want invalid argument", tt.root, err)
+			}
+			continue
+		}
+		if err != nil || got != tt.want || mounted {
+			t.Errorf("root %s: %s, %v, %v", tt.root, got, mounted, err)
+		}
+	}
+}
+
+func TestBoxStateDirIsShortAndStable(t *testing.T) {
+	long := strings.Repeat("x", 200)
+	a, b := boxStateDir("k8s.io", long), boxStateDir("k8s.io", long)
+	if a != b {
+		t.Fatal("state dir not stable")
+	}
+	if boxStateDir("default", long) == a {
+		t.Fatal("namespaces share a state dir")
+	}
+	// Room for "/qmp.sock" within sun_path (108).
+	if len(a)+len("/agent.sock") >= 108 {
+		t.Fatalf("state dir %s too long for unix sockets", a)
+	}
+}
+
+func TestStdioURIsOfUnknownSchemesAreRejected(t *testing.T) {
+	_, err := openRelay(context.Background(), stdioConfig{stdout: "ftp://host/x"}, "ns", "id")
+	if err == nil || !strings.Contains(err.Error(), "unsupported stdio URI scheme") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestFileURIReceivesBothStreams(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "log")
+	r, err := openRelay(context.Background(), stdioConfig{stdout: "file://" + path, stderr: "file://" + path}, "ns", "id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.stdout.Write([]byte("out\n"))
+	r.stderr.Write([]byte("err\n"))
+	r.close()
+	data, _ := os.ReadFile(path)
+	if string(data) != "out\nerr\n" {
+		t.Fatalf("log file %q", data)
+	}
+}
