@@ -100,15 +100,20 @@ func createBox(t testing.TB, ctx context.Context, c *agent.Client, id string, sp
 func TestGuestRunsProcessAndRelaysStdoutAndStderrApart(t *testing.T) {
 	rootfs := busyboxRootfs(t)
 	sb := startSandbox(t, rootfs, vmOpts{})
+	before := time.Now()
 	res := runBox(t, sb, "hello", newSpec(t, "hello", []string{"sh", "-c", "echo out; echo err >&2"}), nil)
+	after := time.Now()
 	if string(res.stdout) != "out\n" || string(res.stderr) != "err\n" {
 		t.Fatalf("stdout %q stderr %q; want \"out\\n\" and \"err\\n\"", res.stdout, res.stderr)
 	}
 	if res.exit.ExitStatus != 0 {
 		t.Fatalf("exit status %d, want 0", res.exit.ExitStatus)
 	}
-	if res.exit.ExitedAtUnixNs == 0 {
-		t.Fatal("exit has no time")
+	// The guest's clock is stepped to the host's at connect, so the exit
+	// time falls within the run as the host saw it (the guest RTC alone is
+	// up to a second off).
+	if at := time.Unix(0, res.exit.ExitedAtUnixNs); at.Before(before.Add(-50*time.Millisecond)) || at.After(after.Add(50*time.Millisecond)) {
+		t.Fatalf("exit time %v outside the run [%v, %v]", at, before, after)
 	}
 }
 

@@ -122,6 +122,14 @@ func (c *Client) waitReady(ctx context.Context) (*api.PingResponse, error) {
 		resp, err := c.Ping(attempt, &api.PingRequest{})
 		cancel()
 		if err == nil {
+			// That ping may have waited in the socket while the guest
+			// booted: send the host's clock again, fresh, so the guest's
+			// exit times match the host's.
+			sctx, cancel := context.WithTimeout(ctx, pingAttempt)
+			if fresh, err := c.Ping(sctx, &api.PingRequest{HostTimeUnixNs: time.Now().UnixNano()}); err == nil {
+				resp = fresh
+			}
+			cancel()
 			return resp, nil
 		}
 		if perr := c.Err(); perr != nil {

@@ -52,7 +52,10 @@ func recoverPanics(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc
 func ms(v uint32) time.Duration { return time.Duration(v) * time.Millisecond }
 
 // Ping answers once the agent serves requests.
-func (s *service) Ping(ctx context.Context, _ *api.PingRequest) (*api.PingResponse, error) {
+func (s *service) Ping(ctx context.Context, req *api.PingRequest) (*api.PingResponse, error) {
+	if req.HostTimeUnixNs != 0 {
+		syncClock(time.Unix(0, req.HostTimeUnixNs))
+	}
 	return s.a.Ping(ctx), nil
 }
 

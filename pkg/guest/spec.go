@@ -159,7 +159,8 @@ func setField(obj map[string]json.RawMessage, key string, v any) error {
 
 // dropNamespacePaths removes the path of every namespace in
 // linux.namespaces: a path names a namespace of the host, so the guest runtime
-// creates a new namespace of the same type instead.
+// creates a new namespace of the same type instead. It also adds a cgroup
+// namespace when there is none.
 func dropNamespacePaths(linux map[string]json.RawMessage) error {
 	raw, ok := linux["namespaces"]
 	if !ok || string(raw) == "null" {
@@ -169,8 +170,18 @@ func dropNamespacePaths(linux map[string]json.RawMessage) error {
 	if err := json.Unmarshal(raw, &nss); err != nil {
 		return fmt.Errorf("spec linux.namespaces is not a list of objects: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
+	hasCgroup := false
 	for _, ns := range nss {
 		delete(ns, "path")
+		if string(ns["type"]) == `"cgroup"` {
+			hasCgroup = true
+		}
+	}
+	if !hasCgroup {
+		// The guest is cgroup v2 only: give the container its own cgroup
+		// namespace, as containerd does on a v2 host, so /sys/fs/cgroup
+		// in the container shows its own cgroup instead of nothing.
+		nss = append(nss, map[string]json.RawMessage{"type": json.RawMessage(`"cgroup"`)})
 	}
 	out, err := json.Marshal(nss)
 	if err != nil {

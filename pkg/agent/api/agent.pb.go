@@ -166,9 +166,13 @@ func (*Empty) Descriptor() ([]byte, []int) {
 }
 
 type PingRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// host_time_unix_ns is the host's wall clock when the request was sent;
+	// when set, the guest steps its clock to it (the guest's RTC has
+	// one-second granularity, and exit times come from the guest clock).
+	HostTimeUnixNs int64 `protobuf:"varint,1,opt,name=host_time_unix_ns,json=hostTimeUnixNs,proto3" json:"host_time_unix_ns,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *PingRequest) Reset() {
@@ -199,6 +203,13 @@ func (x *PingRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use PingRequest.ProtoReflect.Descriptor instead.
 func (*PingRequest) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *PingRequest) GetHostTimeUnixNs() int64 {
+	if x != nil {
+		return x.HostTimeUnixNs
+	}
+	return 0
 }
 
 type PingResponse struct {
@@ -1700,8 +1711,9 @@ var File_agent_proto protoreflect.FileDescriptor
 const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\vagent.proto\x12\x10boxlite.agent.v1\"\a\n" +
-	"\x05Empty\"\r\n" +
-	"\vPingRequest\"s\n" +
+	"\x05Empty\"8\n" +
+	"\vPingRequest\x12)\n" +
+	"\x11host_time_unix_ns\x18\x01 \x01(\x03R\x0ehostTimeUnixNs\"s\n" +
 	"\fPingResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x18\n" +
 	"\aruntime\x18\x02 \x01(\tR\aruntime\x12\x16\n" +
