@@ -161,6 +161,9 @@ func (s *service) finishExit(b *box, p *process, e exitInfo) {
 	<-p.started
 	if r := p.getRelay(); r != nil {
 		r.drain()
+		// containerd's readers see EOF now, as with the runc shim,
+		// rather than at Delete.
+		r.closeOutputs()
 	}
 	if !p.setExited(e) {
 		return

@@ -55,6 +55,7 @@ type relay struct {
 	// inDone is closed when the stdin copy ended.
 	inDone    chan struct{}
 	closeOnce sync.Once
+	outOnce   sync.Once
 }
 
 // openRelay opens containerd's ends of the process's stdio. FIFOs block until
@@ -247,6 +248,21 @@ func (r *relay) drain() {
 	}
 }
 
+// closeOutputs stops the output copies and closes containerd's output ends
+// (a binary:// logger gets EOF). Stdin stays until close.
+func (r *relay) closeOutputs() {
+	r.outOnce.Do(func() {
+		if r.cancel != nil {
+			r.cancel()
+		}
+		for _, c := range []io.Closer{r.stdout, r.stderr} {
+			if c != nil {
+				c.Close()
+			}
+		}
+	})
+}
+
 // close stops the copies and closes containerd's ends; a logger gets EOF and
 // is reaped (bounded).
 func (r *relay) close() {
@@ -254,10 +270,9 @@ func (r *relay) close() {
 		if r.cancel != nil {
 			r.cancel()
 		}
-		for _, c := range []io.Closer{r.stdin, r.stdout, r.stderr} {
-			if c != nil {
-				c.Close()
-			}
+		r.closeOutputs()
+		if r.stdin != nil {
+			r.stdin.Close()
 		}
 		if r.logger != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), loggerReadyTimeout)
