@@ -11,6 +11,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -22,9 +25,15 @@ type command struct {
 	run func(ctx context.Context, env *cliEnv, args []string) error
 }
 
-// cliEnv is where a subcommand writes.
+// cliEnv is where a subcommand reads and writes.
 type cliEnv struct {
+	// stdin is the terminal or pipe boxlite run -i and exec -i relay.
+	stdin io.Reader
+	// stdout and stderr get the subcommand's output.
 	stdout, stderr io.Writer
+	// state is the state directory given before the subcommand (--state),
+	// or "" for the default.
+	state string
 }
 
 // commands lists the subcommands in the order usage shows them.
@@ -32,22 +41,42 @@ func commands() []command {
 	return []command{
 		{name: "check", summary: "report whether boxes can run on this machine, and how to fix it if not", run: runCheck},
 		{name: "run", summary: "run a command in a new box and exit with its status", run: runRun},
+		{name: "create", summary: "create a box without starting its process; print its id", run: runCreate},
+		{name: "start", summary: "start a created box's process", run: runStart},
+		{name: "ps", summary: "list boxes", run: runPs},
+		{name: "exec", summary: "run another command in a running box", run: runExec},
+		{name: "kill", summary: "send a signal to a box's process", run: runKill},
+		{name: "rm", summary: "remove boxes (a running one only with --force)", run: runRm},
+		{name: "inspect", summary: "print a box's record (JSON, or a --format template)", run: runInspect},
+		{name: "events", summary: "print the events of every box until interrupted", run: runEvents},
 	}
 }
 
 // errUsage means the command line was wrong; usage was already printed.
 var errUsage = errors.New("usage")
 
+// exitCodeError makes boxlite exit with a box's exit status.
+type exitCodeError struct{ code int }
+
+func (e exitCodeError) Error() string { return "exit status " + strconv.Itoa(e.code) }
+
 // errReported means the subcommand already told the user what went wrong.
 var errReported = errors.New("reported")
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, &cliEnv{stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:])
+	// A reader that went away (boxlite run ... | head -1) must not kill the
+	// manager mid-box: writes fail with EPIPE instead, and the output is
+	// dropped while the box runs to its end.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
+	err := run(ctx, &cliEnv{stdin: os.Stdin, stdout: &dropAfterError{w: os.Stdout}, stderr: &dropAfterError{w: os.Stderr}}, os.Args[1:])
 	stop()
 	switch {
 	case err == nil:
 	case errors.Is(err, errUsage):
+		os.Exit(2)
+	case errors.Is(err, errBadUsage):
+		fmt.Fprintf(os.Stderr, "boxlite: %s\n", strings.TrimSuffix(err.Error(), ": "+errBadUsage.Error()))
 		os.Exit(2)
 	case errors.As(err, new(exitCodeError)):
 		var e exitCodeError
@@ -61,8 +90,39 @@ func main() {
 	}
 }
 
-// run dispatches args to a subcommand.
+// dropAfterError passes writes to w until one fails, then drops the rest.
+type dropAfterError struct {
+	w      io.Writer
+	mu     sync.Mutex
+	failed bool
+}
+
+func (d *dropAfterError) Write(p []byte) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.failed {
+		if _, err := d.w.Write(p); err != nil {
+			d.failed = true
+		}
+	}
+	return len(p), nil
+}
+
+// run dispatches args to a subcommand. A --state DIR before the
+// subcommand applies to it.
 func run(ctx context.Context, env *cliEnv, args []string) error {
+	for len(args) > 0 && (args[0] == "--state" || args[0] == "-state" ||
+		strings.HasPrefix(args[0], "--state=") || strings.HasPrefix(args[0], "-state=")) {
+		if _, v, ok := strings.Cut(args[0], "="); ok {
+			env.state, args = v, args[1:]
+			continue
+		}
+		if len(args) < 2 {
+			fmt.Fprintln(env.stderr, "boxlite: --state needs a directory")
+			return errUsage
+		}
+		env.state, args = args[1], args[2:]
+	}
 	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
 		usage(env.stderr)
 		if len(args) == 0 {

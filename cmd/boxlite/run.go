@@ -2,211 +2,236 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"encoding/json"
-	"errors"
+	"flag"
 	"fmt"
 	"io"
-	"os"
-	"os/signal"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/containers"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/oci"
-
-	"github.com/boxlite/boxlite/pkg/agent/api"
-	"github.com/boxlite/boxlite/pkg/reaper"
-	"github.com/boxlite/boxlite/pkg/sandbox"
-	"github.com/boxlite/boxlite/pkg/vmm"
+	"github.com/boxlite/boxlite/pkg/manager"
 )
 
-// defaultStateRoot holds one directory per running box.
-const defaultStateRoot = "/run/boxlite"
-
-// exitCodeError makes boxlite exit with the box's exit status.
-type exitCodeError struct{ code int }
-
-func (e exitCodeError) Error() string { return "exit status " + strconv.Itoa(e.code) }
-
-// multiFlag collects a repeatable string flag.
-type multiFlag []string
-
-func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
-func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
-
-// runOptions are the flags of boxlite run.
-type runOptions struct {
-	rootfs, workdir, user, name string
-	env                         multiFlag
-	memoryMiB, cpus             int
-	rm, interactive             bool
-	kernel, initrd, stateRoot   string
+// boxOptions are the flags that describe a new box (run and create).
+type boxOptions struct {
+	rootfs, workdir, user, name, memory string
+	env                                 envFlag
+	cpus                                float64
+	state                               *string
 }
 
-// runRun boots a box, runs one process in it with the terminal's stdio, and
-// exits with the process's status. (The box runs directly on pkg/sandbox for
-// now; the shim will take this path over.)
-func runRun(ctx context.Context, env *cliEnv, args []string) error {
-	var o runOptions
-	fs := newFlagSet(env, "run", "run [flags] --rootfs DIR -- CMD [ARGS...]")
+// addBoxFlags adds the flags of a new box to fs.
+func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	fs.StringVar(&o.rootfs, "rootfs", "", "root filesystem directory of the box (required)")
 	fs.Var(&o.env, "e", "set an environment variable K=V (repeatable)")
-	fs.StringVar(&o.workdir, "w", "/", "working directory in the box")
-	fs.StringVar(&o.user, "u", "", "UID[:GID] to run as")
-	fs.StringVar(&o.name, "name", "", "box name (default: random)")
-	fs.IntVar(&o.memoryMiB, "memory", 0, "memory limit of the process in MiB (the VM gets 256 MiB)")
-	fs.IntVar(&o.cpus, "cpus", 1, "virtual CPUs of the VM")
-	fs.BoolVar(&o.rm, "rm", true, "remove the box when it exits (always, for now)")
-	fs.BoolVar(&o.interactive, "i", false, "keep stdin open and send it to the process")
-	fs.StringVar(&o.kernel, "kernel", "", "guest kernel (default: see boxlite check)")
-	fs.StringVar(&o.initrd, "initrd", "", "guest initramfs (default: see boxlite check)")
-	fs.StringVar(&o.stateRoot, "state", defaultStateRoot, "state directory")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() == 0 {
-		fs.Usage()
-		return fmt.Errorf("run: no command given: %w", errUsage)
-	}
-	if o.rootfs == "" {
-		return errors.New("run: --rootfs DIR is required")
-	}
-	return runBox(ctx, env, o, fs.Args())
+	fs.StringVar(&o.workdir, "w", "", "working directory in the box (default /)")
+	fs.StringVar(&o.user, "u", "", "UID[:GID] (or a user name from the rootfs) to run as")
+	fs.StringVar(&o.name, "name", "", "box name (unique; default: none, use the id)")
+	fs.StringVar(&o.memory, "memory", "", "memory limit of the process, e.g. 256m or 1g (plain number: MiB)")
+	fs.Float64Var(&o.cpus, "cpus", 0, "CPUs of the box: sizes the VM and sets a CPU quota")
+	o.state = stateFlag(env, fs)
 }
 
-func runBox(ctx context.Context, env *cliEnv, o runOptions, argv []string) error {
-	reaper.Default()
-	rootfs, err := filepath.Abs(o.rootfs)
-	if err != nil {
-		return err
+// createOptions turns the flags and the command into CreateOptions.
+func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (manager.CreateOptions, error) {
+	if len(argv) == 0 {
+		return manager.CreateOptions{}, usageErrorf(cmd, "no command given: boxlite %s --rootfs DIR -- CMD [ARGS...]", cmd)
 	}
-	id := o.name
-	if id == "" {
-		id = randomID()
+	if o.rootfs == "" {
+		return manager.CreateOptions{}, usageErrorf(cmd, "--rootfs DIR is required")
 	}
-	spec, err := buildSpec(id, o, argv)
-	if err != nil {
-		return err
+	mem, err := parseMemory(o.memory)
+	if o.memory != "" && err != nil {
+		return manager.CreateOptions{}, usageErrorf(cmd, "--memory: %v", err)
 	}
-	kernel, err := vmm.FindKernel(o.kernel)
-	if err != nil {
-		return err
+	if o.cpus < 0 {
+		return manager.CreateOptions{}, usageErrorf(cmd, "--cpus must be positive")
 	}
-	initrd, err := vmm.FindInitrd(o.initrd)
-	if err != nil {
-		return err
-	}
-	stateDir := filepath.Join(o.stateRoot, id)
-	if err := os.MkdirAll(o.stateRoot, 0o711); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	if err := os.Mkdir(stateDir, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("a box named %q exists (%s)", id, stateDir)
-		}
-		return fmt.Errorf("state directory: %w", err)
-	}
-	defer os.RemoveAll(stateDir)
+	return manager.CreateOptions{
+		ID:   manager.NewID(),
+		Name: o.name,
+		Spec: manager.BoxSpec{
+			Args: argv, Env: o.env, Cwd: o.workdir, User: o.user,
+			MemoryBytes: mem, CPUs: o.cpus, Terminal: terminal, Rootfs: o.rootfs,
+		},
+	}, nil
+}
 
-	sb, err := sandbox.Start(ctx, sandbox.Config{VM: vmm.Config{
-		Kernel: kernel, Initrd: initrd, Rootfs: rootfs, StateDir: stateDir, VCPUs: o.cpus,
-	}})
+// runRun creates a box, runs its process with the terminal's stdio relayed
+// through FIFOs, and exits with the process's status; or, with -d, prints
+// the box id and leaves it running with its shim.
+func runRun(ctx context.Context, env *cliEnv, args []string) error {
+	var o boxOptions
+	var rm, detach, interactive, tty bool
+	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] --rootfs DIR -- CMD [ARGS...]")
+	addBoxFlags(env, fs, &o)
+	fs.BoolVar(&rm, "rm", false, "remove the box when its process exits")
+	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (output goes to box.log in its directory)")
+	fs.BoolVar(&interactive, "i", false, "keep stdin open and relay it to the process")
+	fs.BoolVar(&tty, "t", false, "give the process a terminal")
+	if err := parseFlags(env, fs, args); err != nil {
+		return err
+	}
+	co, err := o.createOptions("run", fs.Args(), tty)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = sb.Stop(sctx)
-	}()
-	status, err := runProcess(sb, id, spec, o.interactive, env)
+	if detach && (interactive || tty || rm) {
+		return usageErrorf("run", "-d cannot be combined with -i, -t or --rm")
+	}
+	m, err := openManager(*o.state)
 	if err != nil {
 		return err
 	}
-	if status != 0 {
-		return exitCodeError{code: status}
+	// While it runs, this process serves the events socket (unless another
+	// does) and records the exits of every box.
+	exited := make(chan struct{})
+	var once sync.Once
+	stop, serving := m.ServeEvents(func(ev manager.Event) {
+		if ev.Exited && ev.ID == co.ID && ev.ExecID == "" {
+			once.Do(func() { close(exited) })
+		}
+	})
+	defer stop()
+	if detach {
+		return createDetached(ctx, env, m, co, true)
+	}
+	var waitExit <-chan struct{}
+	if serving && !rm {
+		waitExit = exited
+	}
+	return runForeground(ctx, env, m, co, interactive, rm, waitExit)
+}
+
+// exitEventTimeout bounds the wait for a box's own TaskExit event.
+const exitEventTimeout = 2 * time.Second
+
+// runForeground creates and starts the box with its stdio relayed, waits
+// for its process, then removes the box (--rm) or stops it, keeping its
+// record. With exited (closed when the box's TaskExit event was recorded)
+// it waits, bounded, for that event: the shim publishes an OOM kill before
+// the exit, so the kept record then says whether the box was OOM-killed.
+func runForeground(ctx context.Context, env *cliEnv, m *manager.Manager, co manager.CreateOptions, interactive, rm bool, exited <-chan struct{}) error {
+	var fifos *manager.FIFOs
+	var stdin io.Reader
+	if interactive {
+		stdin = env.stdin
+	}
+	co.Stdio = func(dir string) (manager.Stdio, error) {
+		f, err := manager.NewFIFOs(dir, co.ID, stdin, env.stdout, env.stderr, co.Spec.Terminal)
+		if err != nil {
+			return manager.Stdio{}, err
+		}
+		fifos = f
+		return f.Stdio(), nil
+	}
+	box, err := m.Create(ctx, co)
+	if err != nil {
+		if fifos != nil {
+			fifos.Close()
+		}
+		return err
+	}
+	defer fifos.Close()
+	defer box.Close()
+	code, started, err := attach(ctx, env, box, "", fifos, co.Spec.Terminal)
+	tctx := context.WithoutCancel(ctx)
+	if !started {
+		// Nothing half-created: a box whose process never started goes.
+		if rerr := box.Remove(tctx, true); rerr != nil {
+			return joinErrors(err, rerr)
+		}
+		return err
+	}
+	var terr error
+	if rm {
+		terr = box.Remove(tctx, true)
+	} else {
+		terr = box.Stop(tctx)
+	}
+	drainOutput(env, fifos)
+	if exited != nil && err == nil {
+		select {
+		case <-exited:
+		case <-time.After(exitEventTimeout):
+		}
+	}
+	switch {
+	case err != nil:
+		return joinErrors(err, terr)
+	case terr != nil:
+		fmt.Fprintf(env.stderr, "boxlite: %v\n", terr)
+		if code == 0 {
+			return errReported
+		}
+	}
+	if code != 0 {
+		return exitCodeError{code: code}
 	}
 	return nil
 }
 
-// buildSpec makes containerd's default Linux spec for argv with the flags applied.
-func buildSpec(id string, o runOptions, argv []string) ([]byte, error) {
-	opts := []oci.SpecOpts{
-		oci.WithProcessArgs(argv...), oci.WithRootFSPath("rootfs"),
-		oci.WithEnv(o.env), oci.WithProcessCwd(o.workdir),
+// runCreate creates a box without starting its process and prints its id.
+// Its output will go to box.log in its directory.
+func runCreate(ctx context.Context, env *cliEnv, args []string) error {
+	var o boxOptions
+	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] --rootfs DIR -- CMD [ARGS...]")
+	addBoxFlags(env, fs, &o)
+	if err := parseFlags(env, fs, args); err != nil {
+		return err
 	}
-	if o.user != "" {
-		opts = append(opts, oci.WithUser(o.user))
-	}
-	if o.memoryMiB > 0 {
-		opts = append(opts, oci.WithMemoryLimit(uint64(o.memoryMiB)<<20))
-	}
-	ctx := namespaces.WithNamespace(context.Background(), "boxlite")
-	spec, err := oci.GenerateSpec(ctx, nil, &containers.Container{ID: id}, opts...)
+	co, err := o.createOptions("create", fs.Args(), false)
 	if err != nil {
-		return nil, fmt.Errorf("spec: %w", err)
+		return err
 	}
-	return json.Marshal(spec)
+	m, err := openManager(*o.state)
+	if err != nil {
+		return err
+	}
+	stop, _ := m.ServeEvents(nil)
+	defer stop()
+	return createDetached(ctx, env, m, co, false)
 }
 
-// runProcess creates and starts the box's process, relays stdio and the
-// SIGINT/SIGTERM the manager receives, and returns its exit status.
-func runProcess(sb *sandbox.Sandbox, id string, spec []byte, interactive bool, env *cliEnv) (int, error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	c := sb.Agent()
-	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{
-		Id: id, Spec: spec, RootfsTag: vmm.RootfsTag,
-		Stdio: &api.Stdio{Stdin: interactive, Stdout: true, Stderr: true},
-	}); err != nil {
-		return 0, fmt.Errorf("create: %w", err)
-	}
-	var wg sync.WaitGroup
-	relay := func(stream api.StdioStream, w io.Writer) {
-		defer wg.Done()
-		if _, err := c.CopyOutput(ctx, id, "", stream, w); err != nil && ctx.Err() == nil {
-			fmt.Fprintf(env.stderr, "boxlite: %s: %v\n", stream, err)
-		}
-	}
-	wg.Add(2)
-	go relay(api.StdioStream_STDOUT, env.stdout)
-	go relay(api.StdioStream_STDERR, env.stderr)
-	if _, err := c.StartContainer(ctx, &api.ContainerRequest{Id: id}); err != nil {
-		cancel()
-		wg.Wait()
-		return 0, fmt.Errorf("start: %w", err)
-	}
-	if interactive {
-		go c.CopyInput(ctx, id, "", os.Stdin)
-	}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	go func() {
-		for s := range sigs {
-			c.SignalProcess(ctx, &api.SignalProcessRequest{Id: id, Signal: uint32(s.(syscall.Signal))})
-		}
-	}()
-	exit, err := c.Wait(ctx, id, "")
+// createDetached creates a box whose output goes to its log file, starts
+// it if asked, and prints its id. A box that fails to start is removed.
+func createDetached(ctx context.Context, env *cliEnv, m *manager.Manager, co manager.CreateOptions, start bool) error {
+	co.Stdio = func(dir string) (manager.Stdio, error) { return manager.LogStdio(dir), nil }
+	box, err := m.Create(ctx, co)
 	if err != nil {
-		return 0, fmt.Errorf("wait: %w", err)
+		return err
 	}
-	wg.Wait()
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer dcancel()
-	c.DeleteContainer(dctx, &api.DeleteContainerRequest{Id: id, Force: true})
-	return int(exit.ExitStatus), nil
+	defer box.Close()
+	if start {
+		if _, err := box.Start(ctx, ""); err != nil {
+			return joinErrors(err, box.Remove(context.WithoutCancel(ctx), true))
+		}
+	}
+	fmt.Fprintln(env.stdout, box.ID())
+	return nil
 }
 
-func randomID() string {
-	b := make([]byte, 6)
-	rand.Read(b)
-	return hex.EncodeToString(b)
+// runStart starts a created box's process.
+func runStart(ctx context.Context, env *cliEnv, args []string) error {
+	fs := newFlagSet(env, "start", "start ID|NAME")
+	state := stateFlag(env, fs)
+	if err := parseFlags(env, fs, args); err != nil {
+		return err
+	}
+	ref, err := oneBox(fs)
+	if err != nil {
+		return err
+	}
+	box, done, err := getBox(ctx, *state, ref, true)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if st := box.Record().Status; st != manager.StatusCreated {
+		return fmt.Errorf("box %s is %s: only a created box can be started", ref, st)
+	}
+	if _, err := box.Start(ctx, ""); err != nil {
+		return err
+	}
+	fmt.Fprintln(env.stdout, box.ID())
+	return nil
 }

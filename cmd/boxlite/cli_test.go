@@ -1,0 +1,132 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// stateDir returns a short state directory for CLI tests.
+func stateDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "bxc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestBadCommandLinesAreOneLineUsageErrors(t *testing.T) {
+	st := stateDir(t)
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown flag", []string{"run", "--bogus"}, "run: flag provided but not defined: -bogus (see 'boxlite run -h')"},
+		{"no rootfs", []string{"run", "--state", st, "--", "true"}, "run: --rootfs DIR is required"},
+		{"no command", []string{"run", "--state", st, "--rootfs", st}, "run: no command given"},
+		{"detach and interactive", []string{"run", "--state", st, "-d", "-i", "--rootfs", st, "--", "true"}, "-d cannot be combined"},
+		{"bad memory", []string{"run", "--state", st, "--memory", "lots", "--rootfs", st, "--", "true"}, `invalid memory size "lots"`},
+		{"kill without box", []string{"kill", "--state", st}, "kill: no box given"},
+		{"kill bad signal", []string{"kill", "--state", st, "-s", "NOPE", "x"}, `invalid signal "NOPE"`},
+		{"rm without box", []string{"rm", "--state", st}, "rm: no box given"},
+		{"exec without command", []string{"exec", "--state", st, "x"}, "exec: no command given"},
+		{"inspect bad template", []string{"inspect", "--state", st, "--format", "{{.Nope", "x"}, "inspect: --format"},
+		{"ps with argument", []string{"ps", "--state", st, "extra"}, `ps: unexpected argument "extra"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, errOut, err := runCLI(t, tt.args...)
+			if !errors.Is(err, errBadUsage) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want a usage error with %q", err, tt.want)
+			}
+			if out != "" || errOut != "" {
+				t.Errorf("printed %q / %q besides the one-line error", out, errOut)
+			}
+		})
+	}
+}
+
+func TestUnknownBoxesAreReportedByName(t *testing.T) {
+	st := stateDir(t)
+	for _, args := range [][]string{
+		{"kill", "--state", st, "nosuch"},
+		{"inspect", "--state", st, "nosuch"},
+		{"start", "--state", st, "nosuch"},
+		{"exec", "--state", st, "nosuch", "--", "true"},
+	} {
+		_, _, err := runCLI(t, args...)
+		if err == nil || err.Error() != "no such box: nosuch" {
+			t.Errorf("%s: %v, want \"no such box: nosuch\"", args[0], err)
+		}
+	}
+	_, errOut, err := runCLI(t, "rm", "--state", st, "nosuch")
+	if !errors.Is(err, errReported) || errOut != "boxlite: no such box: nosuch\n" {
+		t.Errorf("rm: %v, %q", err, errOut)
+	}
+}
+
+func TestRunRejectsAMissingRootfsBeforeCreatingAnything(t *testing.T) {
+	st := stateDir(t)
+	_, _, err := runCLI(t, "run", "--state", st, "--rootfs", filepath.Join(st, "nope"), "--", "true")
+	if err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("err = %v", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(st, "boxes")); len(entries) > 0 {
+		t.Errorf("left %d box directories", len(entries))
+	}
+}
+
+func TestAnUnwritableStateDirectoryIsOneLine(t *testing.T) {
+	_, _, err := runCLI(t, "ps", "--state", "/proc/boxlite-state")
+	if err == nil || !strings.Contains(err.Error(), "state directory /proc/boxlite-state is not usable") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestPsOfAnEmptyStateDirectoryPrintsTheHeader(t *testing.T) {
+	out, _, err := runCLI(t, "--state", stateDir(t), "ps")
+	if err != nil || !strings.HasPrefix(out, "ID") || !strings.Contains(out, "SHIM-PID  VMM-PID  COMMAND") {
+		t.Fatalf("ps: %q, %v", out, err)
+	}
+}
+
+func TestParseSignalAcceptsNamesAndNumbers(t *testing.T) {
+	tests := []struct {
+		in   string
+		want syscall.Signal
+		ok   bool
+	}{
+		{"TERM", syscall.SIGTERM, true}, {"SIGKILL", syscall.SIGKILL, true}, {"int", syscall.SIGINT, true},
+		{"9", syscall.SIGKILL, true}, {"0", 0, false}, {"65", 0, false}, {"NOPE", 0, false}, {"", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := parseSignal(tt.in)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("parseSignal(%q) = %v, %v", tt.in, got, err)
+		}
+	}
+}
+
+func TestParseMemoryAcceptsUnits(t *testing.T) {
+	tests := []struct {
+		in   string
+		want uint64
+		ok   bool
+	}{
+		{"256", 256 << 20, true}, {"256m", 256 << 20, true}, {"256MiB", 256 << 20, true}, {"1g", 1 << 30, true},
+		{"512k", 512 << 10, true}, {"4096b", 4096, true}, {"0", 0, false}, {"-1", 0, false}, {"lots", 0, false},
+		{"99999999999999g", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := parseMemory(tt.in)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("parseMemory(%q) = %v, %v", tt.in, got, err)
+		}
+	}
+}

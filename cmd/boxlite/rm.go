@@ -1,0 +1,48 @@
+package main
+
+import (
+	"context"
+	"fmt"
+)
+
+// runRm removes boxes. A running box needs --force: its process is killed,
+// its shim shut down and reaped, and its files removed.
+func runRm(ctx context.Context, env *cliEnv, args []string) error {
+	fs := newFlagSet(env, "rm", "rm [--force] ID|NAME...")
+	force := fs.Bool("force", false, "kill a running box first")
+	fs.BoolVar(force, "f", false, "short for --force")
+	state := stateFlag(env, fs)
+	if err := parseFlags(env, fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return usageErrorf("rm", "no box given")
+	}
+	m, err := openManager(*state)
+	if err != nil {
+		return err
+	}
+	stop, _ := m.ServeEvents(nil)
+	defer stop()
+	failed := 0
+	for _, ref := range fs.Args() {
+		err := func() error {
+			box, err := m.Get(ctx, ref)
+			if err != nil {
+				return err
+			}
+			defer box.Close()
+			return box.Remove(context.WithoutCancel(ctx), *force)
+		}()
+		if err != nil {
+			fmt.Fprintf(env.stderr, "boxlite: %v\n", err)
+			failed++
+			continue
+		}
+		fmt.Fprintln(env.stdout, ref)
+	}
+	if failed > 0 {
+		return errReported
+	}
+	return nil
+}
