@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -188,7 +187,7 @@ func assertNoLeaks(t testing.TB, vmmPid int, dirs ...string) {
 			t.Errorf("leak: VMM pid %d still present:\n%s", vmmPid, statusLines(status))
 		}
 	}
-	if kids := children(os.Getpid()); len(kids) > 0 {
+	if kids := reaper.Children(os.Getpid()); len(kids) > 0 {
 		var desc []string
 		for _, k := range kids {
 			status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", k))
@@ -215,31 +214,6 @@ func statusLines(status []byte) string {
 		}
 	}
 	return strings.Join(out, "\n")
-}
-
-// children lists the pids whose parent is ppid, zombies included.
-func children(ppid int) []int {
-	entries, _ := os.ReadDir("/proc")
-	var kids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		data, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		end := bytes.LastIndexByte(data, ')')
-		if end < 0 {
-			continue
-		}
-		f := strings.Fields(string(data[end+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(ppid) {
-			kids = append(kids, pid)
-		}
-	}
-	return kids
 }
 
 // newSpec returns containerd's default Linux spec for a box running args,

@@ -263,7 +263,7 @@ func (m *mgr) assertClean() {
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	var live []string
-	for _, pid := range children(os.Getpid()) {
+	for _, pid := range reaper.Children(os.Getpid()) {
 		// Only this test's shims (-address <state>/grpc.sock) and VMMs
 		// (sharing its rootfs); anything else assertNoLeaks reports.
 		// A zombie (empty cmdline) is dead already: collect it too.

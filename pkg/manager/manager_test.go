@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -63,38 +62,13 @@ func newTestRootfs(t *testing.T) string {
 func assertNoChildren(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for _, pid := range children(os.Getpid()) {
+	for _, pid := range reaper.Children(os.Getpid()) {
 		out, _, err := reaper.Default().Reap(pid, deadline)
 		if err != nil || out == reaper.TimedOut {
 			status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 			t.Errorf("leak: child %d still alive (%v, %v):\n%s", pid, out, err, statusLines(status))
 		}
 	}
-}
-
-// children lists the pids whose parent is ppid, zombies included.
-func children(ppid int) []int {
-	entries, _ := os.ReadDir("/proc")
-	var kids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		data, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		end := bytes.LastIndexByte(data, ')')
-		if end < 0 {
-			continue
-		}
-		f := strings.Fields(string(data[end+1:]))
-		if len(f) > 1 && f[1] == strconv.Itoa(ppid) {
-			kids = append(kids, pid)
-		}
-	}
-	return kids
 }
 
 func statusLines(status []byte) string {

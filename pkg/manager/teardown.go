@@ -169,7 +169,7 @@ func (b *Box) teardown(ctx context.Context, kill bool) error {
 func (b *Box) killStrayShims(ctx context.Context) error {
 	b.ours = false
 	b.update(func(r *Record) { r.ShimAddress = "" })
-	for _, pid := range childrenOf(os.Getpid()) {
+	for _, pid := range reaper.Children(os.Getpid()) {
 		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err != nil || cwd != b.rec.Bundle {
 			continue
 		}

@@ -92,33 +92,31 @@ func ReadIdentity(pid int) (Identity, error) {
 // exists, is not a zombie, and has the same start time (so a reused pid is
 // not mistaken for it).
 func (id Identity) Running() (bool, error) {
-	if id.Pid <= 0 {
-		return false, nil
-	}
-	st, err := readProcStat(id.Pid)
-	if errdefs.IsNotFound(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	return st.startTime == id.StartTime && st.state != 'Z' && st.state != 'X', nil
+	st, same, err := id.stat()
+	return same && st.state != 'Z' && st.state != 'X', err
 }
 
 // Exists reports whether the process is still present, possibly as a zombie
 // that nobody reaped yet, with the same start time.
 func (id Identity) Exists() (bool, error) {
+	_, same, err := id.stat()
+	return same, err
+}
+
+// stat reads id's process and says whether it is id (same start time). A
+// missing process is not an error.
+func (id Identity) stat() (procStat, bool, error) {
 	if id.Pid <= 0 {
-		return false, nil
+		return procStat{}, false, nil
 	}
 	st, err := readProcStat(id.Pid)
 	if errdefs.IsNotFound(err) {
-		return false, nil
+		return procStat{}, false, nil
 	}
 	if err != nil {
-		return false, err
+		return procStat{}, false, err
 	}
-	return st.startTime == id.StartTime, nil
+	return st, st.startTime == id.StartTime, nil
 }
 
 // WritePidFile atomically writes id to path as "pid starttime\n".
@@ -148,4 +146,21 @@ func ReadPidFile(path string) (Identity, error) {
 		return Identity{}, fmt.Errorf("pid file %s: malformed %q: %w", path, data, errdefs.ErrDataLoss)
 	}
 	return id, nil
+}
+
+// Children lists the pids whose parent is ppid, zombies included, as /proc
+// shows them now. Leak checks use it to attribute processes by ancestry.
+func Children(ppid int) []int {
+	entries, _ := os.ReadDir(procRoot)
+	var kids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, err := readProcStat(pid); err == nil && st.ppid == ppid {
+			kids = append(kids, pid)
+		}
+	}
+	return kids
 }

@@ -407,3 +407,17 @@ func ExampleReaper_Start() {
 	fmt.Println(e.Status)
 	// Output: 3
 }
+
+func TestChildrenListsLiveAndZombieChildren(t *testing.T) {
+	p := start(t, "sleep", "30")
+	defer func() { p.Signal(syscall.SIGKILL); waitExit(t, p) }()
+	found := false
+	for _, pid := range Children(os.Getpid()) {
+		if pid == p.Pid() {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("child %d not listed in %v", p.Pid(), Children(os.Getpid()))
+	}
+}
