@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
 	"github.com/boxlite/boxlite/pkg/sandbox"
@@ -75,6 +76,26 @@ func readSpec(bundle string) ([]byte, *specs.Spec, error) {
 	return data, &spec, nil
 }
 
+// withHostHostname returns data with hostname set to the host's when the
+// spec sets none. runc leaves such a container with the hostname its new UTS
+// namespace copied from the host; in the guest that would be the VM's, so the
+// host's is set explicitly to behave the same.
+func withHostHostname(data []byte, spec *specs.Spec) ([]byte, error) {
+	if spec.Hostname != "" {
+		return data, nil
+	}
+	host, err := os.Hostname()
+	if err != nil {
+		return data, nil
+	}
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("spec: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	doc["hostname"], _ = json.Marshal(host)
+	return json.Marshal(doc)
+}
+
 // prepareRootfs mounts containerd's rootfs mounts on <bundle>/rootfs, or
 // checks the spec's root.path. It returns the directory to share.
 func prepareRootfs(bundle string, spec *specs.Spec, mounts []*types.Mount) (string, bool, error) {
@@ -107,8 +128,8 @@ func prepareRootfs(bundle string, spec *specs.Spec, mounts []*types.Mount) (stri
 }
 
 // bootBox boots the box's VM. ctx bounds the boot only.
-func bootBox(ctx context.Context, b *box, spec *specs.Spec) error {
-	o, err := parseVMOptions(spec)
+func bootBox(ctx context.Context, b *box, spec *specs.Spec, runtimeOpts *anypb.Any) error {
+	o, err := parseVMOptions(spec, runtimeOpts)
 	if err != nil {
 		return err
 	}
@@ -163,7 +184,10 @@ func (b *box) process(execID string) (*process, error) {
 func (b *box) processes() []*process {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	ps := []*process{b.init}
+	var ps []*process
+	if b.init != nil {
+		ps = append(ps, b.init)
+	}
 	for _, p := range b.execs {
 		ps = append(ps, p)
 	}

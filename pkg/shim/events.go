@@ -158,6 +158,11 @@ func (s *service) resync(b *box) {
 // finishExit drains the process's output, records the exit and publishes
 // TaskExit after the process's start event.
 func (s *service) finishExit(b *box, p *process, e exitInfo) {
+	if st, _ := p.current(); st == stateCreated {
+		// Killed before it was started: there is no start event to
+		// wait for (a Start that comes now fails on the exited process).
+		p.markStarted()
+	}
 	<-p.started
 	if r := p.getRelay(); r != nil {
 		r.drain()

@@ -2,11 +2,19 @@ package shim
 
 import (
 	"crypto/sha256"
+	"os"
+	"sort"
+
 	"encoding/hex"
 	"fmt"
 	"path/filepath"
 	"strconv"
 	"time"
+
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/typeurl/v2"
+	"github.com/pelletier/go-toml/v2"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -48,42 +56,131 @@ type vmOptions struct {
 	bootTimeout      time.Duration
 }
 
-// parseVMOptions reads the io.boxlite.* annotations of spec; a bad value is
-// an InvalidArgument error naming the annotation.
-func parseVMOptions(spec *specs.Spec) (vmOptions, error) {
+// optionKeys maps runtime-option keys (containerd's runtime options file)
+// to the annotation that sets the same thing per box.
+var optionKeys = map[string]string{
+	"vcpus":        AnnotationVCPUs,
+	"memory_mib":   AnnotationMemory,
+	"accel":        AnnotationAccel,
+	"kernel":       AnnotationKernel,
+	"initrd":       AnnotationInitrd,
+	"boot_timeout": AnnotationBootTimeout,
+}
+
+// parseVMOptions returns the box's VM settings: the runtime's options from
+// containerd (defaults for every box of the runtime), overridden by the
+// spec's io.boxlite.* annotations. A bad value is an InvalidArgument error
+// naming the option or annotation.
+func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error) {
 	var o vmOptions
-	a := spec.Annotations
-	bad := func(key, why string) error {
-		return fmt.Errorf("annotation %s=%q: %s: %w", key, a[key], why, errdefs.ErrInvalidArgument)
+	settings, err := decodeRuntimeOptions(runtimeOpts)
+	if err != nil {
+		return o, err
 	}
-	if v, ok := a[AnnotationVCPUs]; ok {
+	for _, key := range sortedKeys(settings) {
+		if err := o.set(optionKeys[key], settings[key], "runtime option "+key); err != nil {
+			return o, err
+		}
+	}
+	for _, ann := range sortedKeys(spec.Annotations) {
+		if _, ok := annotationKnown[ann]; ok {
+			if err := o.set(ann, spec.Annotations[ann], "annotation "+ann); err != nil {
+				return o, err
+			}
+		}
+	}
+	return o, nil
+}
+
+// annotationKnown is the set of io.boxlite.* annotations.
+var annotationKnown = func() map[string]struct{} {
+	m := map[string]struct{}{}
+	for _, a := range optionKeys {
+		m[a] = struct{}{}
+	}
+	return m
+}()
+
+// set applies one setting named by its annotation; what names its source.
+func (o *vmOptions) set(ann, v, what string) error {
+	bad := func(why string) error {
+		return fmt.Errorf("%s=%q: %s: %w", what, v, why, errdefs.ErrInvalidArgument)
+	}
+	switch ann {
+	case AnnotationVCPUs:
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > 64 {
-			return o, bad(AnnotationVCPUs, "want 1 to 64")
+			return bad("want 1 to 64")
 		}
 		o.vcpus = n
-	}
-	if v, ok := a[AnnotationMemory]; ok {
+	case AnnotationMemory:
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 64 || n > 1<<20 {
-			return o, bad(AnnotationMemory, "want MiB from 64")
+			return bad("want MiB from 64")
 		}
 		o.memoryMiB = n
-	}
-	if v, ok := a[AnnotationAccel]; ok {
+	case AnnotationAccel:
 		acc, err := vmm.ParseAccel(v)
 		if err != nil {
-			return o, bad(AnnotationAccel, "want auto, kvm or tcg")
+			return bad("want auto, kvm or tcg")
 		}
 		o.accel = acc
-	}
-	o.kernel, o.initrd = a[AnnotationKernel], a[AnnotationInitrd]
-	if v, ok := a[AnnotationBootTimeout]; ok {
+	case AnnotationKernel:
+		o.kernel = v
+	case AnnotationInitrd:
+		o.initrd = v
+	case AnnotationBootTimeout:
 		d, err := time.ParseDuration(v)
 		if err != nil || d <= 0 {
-			return o, bad(AnnotationBootTimeout, "want a positive duration such as 60s")
+			return bad("want a positive duration such as 60s")
 		}
 		o.bootTimeout = d
 	}
-	return o, nil
+	return nil
+}
+
+// decodeRuntimeOptions reads containerd's runtime options for this runtime:
+// none, or runtimeoptions.v1.Options whose ConfigBody or ConfigPath holds a
+// TOML table of the keys in optionKeys. Any other options type (such as the
+// runc shim's) and any unknown key are errors: settings are never silently
+// dropped.
+func decodeRuntimeOptions(a *anypb.Any) (map[string]string, error) {
+	if a == nil || (a.GetTypeUrl() == "" && len(a.GetValue()) == 0) {
+		return nil, nil
+	}
+	v, err := typeurl.UnmarshalAny(a)
+	if err != nil {
+		return nil, fmt.Errorf("runtime options of type %s: %v: %w", a.GetTypeUrl(), err, errdefs.ErrInvalidArgument)
+	}
+	ro, ok := v.(*runtimeoptions.Options)
+	if !ok {
+		return nil, fmt.Errorf("runtime options of type %s are not boxlite's: use runtimeoptions.v1.Options (a TOML config path or body): %w", a.GetTypeUrl(), errdefs.ErrInvalidArgument)
+	}
+	body := ro.ConfigBody
+	if len(body) == 0 && ro.ConfigPath != "" {
+		if body, err = os.ReadFile(ro.ConfigPath); err != nil {
+			return nil, fmt.Errorf("runtime options file %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
+		}
+	}
+	var raw map[string]any
+	if err := toml.Unmarshal(body, &raw); err != nil {
+		return nil, fmt.Errorf("runtime options %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
+	}
+	out := map[string]string{}
+	for k, val := range raw {
+		if _, ok := optionKeys[k]; !ok {
+			return nil, fmt.Errorf("runtime options %s: unknown key %q (known: vcpus, memory_mib, accel, kernel, initrd, boot_timeout): %w", ro.ConfigPath, k, errdefs.ErrInvalidArgument)
+		}
+		out[k] = fmt.Sprint(val)
+	}
+	return out, nil
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }

@@ -103,6 +103,9 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		return nil, err
 	}
+	if specData, err = withHostHostname(specData, spec); err != nil {
+		return nil, err
+	}
 	rootfs, mounted, err := prepareRootfs(r.Bundle, spec, r.Rootfs)
 	if err != nil {
 		return nil, err
@@ -118,7 +121,7 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			cancel()
 		}
 	}()
-	if err := bootBox(ctx, b, spec); err != nil {
+	if err := bootBox(ctx, b, spec, r.Options); err != nil {
 		return nil, err
 	}
 	stdio := stdioConfig{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}

@@ -9,8 +9,12 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/api/types"
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/anypb"
 )
 
 func TestProcessTransitionsAreExplicit(t *testing.T) {
@@ -84,7 +88,7 @@ func TestParseVMOptions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseVMOptions(&specs.Spec{Annotations: tt.ann})
+			got, err := parseVMOptions(&specs.Spec{Annotations: tt.ann}, nil)
 			if tt.bad != "" {
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tt.bad) {
 					t.Fatalf("err = %v; want invalid argument naming %s", err, tt.bad)
@@ -184,5 +188,48 @@ func TestFileURIReceivesBothStreams(t *testing.T) {
 	data, _ := os.ReadFile(path)
 	if string(data) != "out\nerr\n" {
 		t.Fatalf("log file %q", data)
+	}
+}
+
+func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
+	body := func(b string) *anypb.Any {
+		a, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(b)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	missing := filepath.Join(t.TempDir(), "missing.toml")
+	pathOpts, _ := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigPath: missing})
+	runcOpts, _ := typeurl.MarshalAnyToProto(&runcoptions.Options{BinaryName: "runc"})
+	tests := []struct {
+		name string
+		opts *anypb.Any
+		ann  map[string]string
+		want vmOptions
+		bad  string
+	}{
+		{"body", body("vcpus = 2\nmemory_mib = 512\nboot_timeout = \"30s\""), nil,
+			vmOptions{vcpus: 2, memoryMiB: 512, bootTimeout: 30 * time.Second}, ""},
+		{"annotation overrides", body("vcpus = 2"), map[string]string{AnnotationVCPUs: "4"}, vmOptions{vcpus: 4}, ""},
+		{"unknown key", body("vcpu = 2"), nil, vmOptions{}, `unknown key "vcpu"`},
+		{"bad value", body("accel = \"warp\""), nil, vmOptions{}, "runtime option accel"},
+		{"not toml", body("vcpus = = 2"), nil, vmOptions{}, "runtime options"},
+		{"missing file", pathOpts, nil, vmOptions{}, missing},
+		{"runc's options type", runcOpts, nil, vmOptions{}, "not boxlite's"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVMOptions(&specs.Spec{Annotations: tt.ann}, tt.opts)
+			if tt.bad != "" {
+				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tt.bad) {
+					t.Fatalf("err = %v; want invalid argument mentioning %q", err, tt.bad)
+				}
+				return
+			}
+			if err != nil || got != tt.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
 	}
 }
