@@ -24,6 +24,12 @@ key=$( {
 } | sha256sum | cut -c1-16)
 cached=$cache/kernel/$key/vmlinux
 
+# One build per key at a time: a second make (another checkout, a parallel
+# target) waits for the first and then takes its result.
+mkdir -p "$cache"
+exec 9>"$cache/kernel-$key.lock"
+flock 9
+
 if [[ ! -s $cached ]]; then
 	work=$cache/build/kernel-$key
 	rm -rf "$work"
