@@ -86,3 +86,35 @@ proto: ## Regenerate the agent API (needs protoc; pinned generators).
 .PHONY: clean
 clean: ## Remove build outputs (the kernel cache in /var/cache/boxlite stays).
 	rm -rf $(BIN)
+
+# --- containerd: install the shim, build the containerd the tests run ---
+
+# Where make install puts things. The shim finds the guest images in
+# /usr/local/share/boxlite or /usr/share/boxlite without configuration
+# (pkg/vmm FindKernel/FindInitrd); another SHAREDIR needs BOXLITE_KERNEL and
+# BOXLITE_INITRD in containerd's environment.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SHAREDIR ?= $(PREFIX)/share/boxlite
+INSTALLED := $(DESTDIR)$(BINDIR)/boxlite $(DESTDIR)$(BINDIR)/containerd-shim-boxlite-v1 \
+	$(DESTDIR)$(SHAREDIR)/vmlinux $(DESTDIR)$(SHAREDIR)/initramfs.cpio
+
+.PHONY: install
+install: $(BIN)/boxlite $(BIN)/containerd-shim-boxlite-v1 $(KERNEL) $(INITRD) ## Install boxlite, the shim, the guest kernel and initramfs (root; PREFIX=/usr/local).
+	install -D -m 0755 $(BIN)/boxlite $(DESTDIR)$(BINDIR)/boxlite
+	install -D -m 0755 $(BIN)/containerd-shim-boxlite-v1 $(DESTDIR)$(BINDIR)/containerd-shim-boxlite-v1
+	install -D -m 0644 $(KERNEL) $(DESTDIR)$(SHAREDIR)/vmlinux
+	install -D -m 0644 $(INITRD) $(DESTDIR)$(SHAREDIR)/initramfs.cpio
+
+.PHONY: uninstall
+uninstall: ## Remove what make install installed.
+	rm -f $(INSTALLED)
+	@rmdir $(DESTDIR)$(SHAREDIR) 2>/dev/null || true
+
+.PHONY: containerd
+containerd: ## Build containerd, ctr and the runc shim (v2.4.2) for the tests, cached in /var/cache/boxlite/containerd.
+	@bash scripts/build-containerd.sh
+
+.PHONY: oci-image
+oci-image: ## Build the offline busybox OCI image tarball, cached in /var/cache/boxlite/images.
+	@bash scripts/oci-image.sh
