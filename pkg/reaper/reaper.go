@@ -245,13 +245,13 @@ type Process struct {
 	identity Identity
 	cmd      *exec.Cmd
 	done     chan struct{}
+	// joinOnce runs join once; concurrent callers wait for it.
+	joinOnce sync.Once
 
-	// mu guards exit and joined.
+	// mu guards exit.
 	mu sync.Mutex
 	// exit is set once before done is closed. Guarded by mu.
 	exit Exit
-	// joined says exec's goroutines were joined. Guarded by mu.
-	joined bool
 }
 
 func newProcess(pid int, cmd *exec.Cmd) *Process {
@@ -263,6 +263,12 @@ func (p *Process) finish(e Exit) {
 	p.exit = e
 	p.mu.Unlock()
 	close(p.done)
+	if p.cmd != nil {
+		// Release the pidfd and exec's copy goroutines whether or not
+		// anyone calls Wait; off the SIGCHLD loop, since exec's copies
+		// may wait on a pipe a grandchild still holds.
+		go p.join()
+	}
 }
 
 // Pid returns the process id.
@@ -300,18 +306,18 @@ func (p *Process) Wait(ctx context.Context) (Exit, error) {
 	return e, nil
 }
 
-// join lets exec finish copying the process's stdio and release its pidfd.
-// It runs only after the loop reaped the process, so Cmd.Wait cannot steal
-// the exit: the kernel answers ECHILD, which is expected and ignored.
+// join lets exec finish copying the process's stdio and releases its pidfd.
+// It runs only after the loop reaped the process (finish starts it), so
+// Cmd.Wait cannot steal the exit: the kernel answers ECHILD, which is
+// expected and ignored.
 func (p *Process) join() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.joined || p.cmd == nil {
+	if p.cmd == nil {
 		return
 	}
-	p.joined = true
-	_ = p.cmd.Wait()
-	_ = p.cmd.Process.Release()
+	p.joinOnce.Do(func() {
+		_ = p.cmd.Wait()
+		_ = p.cmd.Process.Release()
+	})
 }
 
 // Signal sends sig to the process. It returns errdefs.ErrNotFound once the

@@ -344,8 +344,7 @@ func (q *QEMU) watch(proc *reaper.Process, out *os.File, cons *console) {
 		close(drained)
 	}()
 	<-proc.Done()
-	// Wait returns at once now; it releases the process's pidfd.
-	exit, _ := proc.Wait(context.Background())
+	exit, _ := proc.Exit()
 	t := time.NewTimer(drainGrace)
 	select {
 	case <-drained:
