@@ -169,6 +169,19 @@ func (a *Agent) container(id string) (*container, error) {
 	return c, nil
 }
 
+// lockedContainer returns container id holding its lock (bounded by ctx);
+// the caller unlocks it.
+func (a *Agent) lockedContainer(ctx context.Context, id string) (*container, error) {
+	c, err := a.container(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.lock(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // process returns the init (execID empty) or an exec of container id.
 func (a *Agent) process(id, execID string) (*container, *process, error) {
 	c, err := a.container(id)

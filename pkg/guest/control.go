@@ -138,11 +138,8 @@ func (a *Agent) Resume(ctx context.Context, id string) error {
 
 // freeze runs `runtime pause` or `runtime resume`.
 func (a *Agent) freeze(ctx context.Context, id, op string, from, to status) error {
-	c, err := a.container(id)
+	c, err := a.lockedContainer(ctx, id)
 	if err != nil {
-		return err
-	}
-	if err := c.lock(ctx); err != nil {
 		return err
 	}
 	defer c.unlock()

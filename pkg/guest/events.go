@@ -81,8 +81,8 @@ func (r *eventRing) sinceLocked(after uint64, max int) ([]*api.Event, bool) {
 // none yet. An `after` beyond the newest event is invalid: it comes from
 // another boot.
 func (r *eventRing) Wait(ctx context.Context, after uint64, wait time.Duration) ([]*api.Event, bool, error) {
-	wait = min(wait, maxWait)
-	var timer <-chan time.Time
+	poll := newLongPoll(ctx, wait)
+	defer poll.stop()
 	for {
 		r.mu.Lock()
 		if after > r.last {
@@ -93,22 +93,10 @@ func (r *eventRing) Wait(ctx context.Context, after uint64, wait time.Duration) 
 		evs, missed := r.sinceLocked(after, maxEventsPerReply)
 		changed := r.changed
 		r.mu.Unlock()
-		if len(evs) > 0 || missed || wait <= 0 {
+		if len(evs) > 0 || missed || poll.expired() {
 			return evs, missed, nil
 		}
-		if timer == nil {
-			t := time.NewTimer(wait)
-			defer t.Stop()
-			timer = t.C
-		}
-		select {
-		case <-changed:
-		case <-timer:
-			wait = 0
-		case <-ctx.Done():
-			// The caller gave up or the agent stops: answer with what is there.
-			wait = 0
-		}
+		poll.await(changed)
 	}
 }
 

@@ -26,11 +26,8 @@ func (a *Agent) Exec(ctx context.Context, req *api.ExecProcessRequest) (_ uint32
 	if err != nil {
 		return 0, err
 	}
-	c, err := a.container(id)
+	c, err := a.lockedContainer(ctx, id)
 	if err != nil {
-		return 0, err
-	}
-	if err := c.lock(ctx); err != nil {
 		return 0, err
 	}
 	defer c.unlock()
@@ -127,11 +124,8 @@ func (a *Agent) DeleteProcess(ctx context.Context, id, execID string) error {
 // bundle. A running container needs force. Nothing is removed while one of
 // its processes is still alive.
 func (a *Agent) Delete(ctx context.Context, id string, force bool) error {
-	c, err := a.container(id)
+	c, err := a.lockedContainer(ctx, id)
 	if err != nil {
-		return err
-	}
-	if err := c.lock(ctx); err != nil {
 		return err
 	}
 	defer c.unlock()

@@ -173,11 +173,8 @@ func unmount(target string) {
 
 // Start runs `runtime start`; it returns the init's pid.
 func (a *Agent) Start(ctx context.Context, id string) (uint32, error) {
-	c, err := a.container(id)
+	c, err := a.lockedContainer(ctx, id)
 	if err != nil {
-		return 0, err
-	}
-	if err := c.lock(ctx); err != nil {
 		return 0, err
 	}
 	defer c.unlock()

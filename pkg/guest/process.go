@@ -90,15 +90,9 @@ func (p *process) hasExited() bool {
 
 // wait waits up to wait (capped at maxWait) for the exit.
 func (p *process) wait(ctx context.Context, wait time.Duration) *api.WaitProcessResponse {
-	wait = min(wait, maxWait)
-	if wait > 0 {
-		t := time.NewTimer(wait)
-		defer t.Stop()
-		select {
-		case <-p.exited:
-		case <-t.C:
-		case <-ctx.Done():
-		}
+	if poll := newLongPoll(ctx, wait); !poll.expired() {
+		poll.await(p.exited)
+		poll.stop()
 	}
 	e, ok := p.exitInfo()
 	if !ok {

@@ -151,15 +151,15 @@ func (s *outStream) Read(ctx context.Context, offset uint64, max int, wait time.
 	if max <= 0 || max > maxReadSize {
 		max = maxReadSize
 	}
-	wait = min(wait, maxWait)
-	var timer <-chan time.Time
+	poll := newLongPoll(ctx, wait)
+	defer poll.stop()
 	for {
 		s.mu.Lock()
 		if err := s.ackLocked(offset); err != nil {
 			s.mu.Unlock()
 			return nil, false, err
 		}
-		if len(s.buf) > 0 || s.eof || s.closed || wait <= 0 {
+		if len(s.buf) > 0 || s.eof || s.closed || poll.expired() {
 			n := min(max, len(s.buf))
 			data = append([]byte(nil), s.buf[:n]...)
 			eof = (s.eof || s.closed) && n == len(s.buf)
@@ -168,20 +168,7 @@ func (s *outStream) Read(ctx context.Context, offset uint64, max int, wait time.
 		}
 		changed := s.changed
 		s.mu.Unlock()
-
-		if timer == nil {
-			t := time.NewTimer(wait)
-			defer t.Stop()
-			timer = t.C
-		}
-		select {
-		case <-changed:
-		case <-timer:
-			wait = 0
-		case <-ctx.Done():
-			// The caller gave up or the agent stops: answer with what is there.
-			wait = 0
-		}
+		poll.await(changed)
 	}
 }
 
