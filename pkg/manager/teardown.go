@@ -178,7 +178,7 @@ func (b *Box) killStrayShims(ctx context.Context) error {
 			continue
 		}
 		log.G(ctx).WithField("id", b.rec.ID).WithField("pid", pid).Warn("killing a shim that never answered")
-		if err := killIdentity(id, unix.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
+		if err := id.Signal(unix.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
 			return err
 		}
 		if out, _, err := reaper.Default().Reap(pid, time.Now().Add(shimKillTimeout)); err != nil || out == reaper.TimedOut {
@@ -230,7 +230,7 @@ func (b *Box) reapShim(ctx context.Context) (killed bool, err error) {
 		return false, nil
 	}
 	log.G(ctx).WithField("id", b.rec.ID).WithField("pid", id.Pid).Warn("shim did not exit: killing it")
-	if err := killIdentity(id, unix.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
+	if err := id.Signal(unix.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
 		return true, err
 	}
 	out, _, err = reaper.Default().Reap(id.Pid, time.Now().Add(shimKillTimeout))
@@ -241,28 +241,4 @@ func (b *Box) reapShim(ctx context.Context) (killed bool, err error) {
 		return true, fmt.Errorf("box %s: shim pid %d did not exit after SIGKILL", b.name(), id.Pid)
 	}
 	return true, nil
-}
-
-// killIdentity signals the process id names through a pidfd, after checking
-// (with the pidfd open) that its start time still matches, so a reused pid
-// is never hit. A process already gone is errdefs.ErrNotFound.
-func killIdentity(id reaper.Identity, sig unix.Signal) error {
-	fd, err := unix.PidfdOpen(id.Pid, 0)
-	if errors.Is(err, unix.ESRCH) {
-		return errorf(errdefs.ErrNotFound, "pid %d is gone", id.Pid)
-	}
-	if err != nil {
-		return os.NewSyscallError("pidfd_open", err)
-	}
-	defer unix.Close(fd)
-	if ok, err := id.Exists(); err != nil || !ok {
-		return errorf(errdefs.ErrNotFound, "pid %d is gone", id.Pid)
-	}
-	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			return errorf(errdefs.ErrNotFound, "pid %d is gone", id.Pid)
-		}
-		return os.NewSyscallError("pidfd_send_signal", err)
-	}
-	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // Identity names one process across pid reuse: its pid and its start time in
@@ -163,4 +164,33 @@ func Children(ppid int) []int {
 		}
 	}
 	return kids
+}
+
+// Signal sends sig to the process id names, through a pidfd opened first and
+// checked (with the pidfd holding the process) against id's start time, so a
+// reused pid is never hit. A process that is gone, or is another process
+// now, is errdefs.ErrNotFound. A zombie accepts the signal and ignores it.
+func (id Identity) Signal(sig unix.Signal) error {
+	gone := fmt.Errorf("pid %d: %w", id.Pid, errdefs.ErrNotFound)
+	if id.Pid <= 0 {
+		return gone
+	}
+	fd, err := unix.PidfdOpen(id.Pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return gone
+	}
+	if err != nil {
+		return os.NewSyscallError("pidfd_open", err)
+	}
+	defer unix.Close(fd)
+	if same, err := id.Exists(); err != nil || !same {
+		return gone
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return gone
+		}
+		return os.NewSyscallError("pidfd_send_signal", err)
+	}
+	return nil
 }

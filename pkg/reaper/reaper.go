@@ -338,9 +338,7 @@ func (p *Process) Signal(sig syscall.Signal) error {
 		return err
 	}
 	if p.identity.StartTime != 0 {
-		if ok, err := p.identity.Exists(); err == nil && !ok {
-			return fmt.Errorf("pid %d: %w", p.pid, errdefs.ErrNotFound)
-		}
+		return p.identity.Signal(sig)
 	}
 	if err := unix.Kill(p.pid, sig); err != nil {
 		if errors.Is(err, unix.ESRCH) {

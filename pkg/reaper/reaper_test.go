@@ -464,3 +464,27 @@ func TestPidfdReleasedWithoutWait(t *testing.T) {
 		time.Sleep(time.Millisecond) // poll interval; bounded by the deadline
 	}
 }
+
+func TestIdentitySignalNeverHitsAReusedPid(t *testing.T) {
+	p := start(t, "sleep", "30")
+	id, err := ReadIdentity(p.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Same pid, another start time: a reused pid must not be signalled.
+	if err := (Identity{Pid: id.Pid, StartTime: id.StartTime + 1}).Signal(syscall.SIGKILL); !errdefs.IsNotFound(err) {
+		t.Fatalf("signal of a stale identity = %v; want not found", err)
+	}
+	if running, _ := id.Running(); !running {
+		t.Fatal("the stale identity's signal reached the live process")
+	}
+	if err := id.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if e := waitExit(t, p); e.Status != 143 {
+		t.Fatalf("exit %+v, want 143", e)
+	}
+	if err := id.Signal(syscall.SIGKILL); !errdefs.IsNotFound(err) {
+		t.Fatalf("signal after exit = %v; want not found", err)
+	}
+}

@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -39,7 +38,7 @@ func KillStale(ctx context.Context, stateDir string) (reaper.Identity, error) {
 		return id, err
 	}
 	if exists {
-		if err := killIdentity(id); err != nil {
+		if err := id.Signal(unix.SIGKILL); err != nil && !errdefs.IsNotFound(err) {
 			return id, err
 		}
 		deadline, ok := ctx.Deadline()
@@ -56,28 +55,6 @@ func KillStale(ctx context.Context, stateDir string) (reaper.Identity, error) {
 	}
 	removeStateFiles(stateDir)
 	return id, nil
-}
-
-// killIdentity SIGKILLs id through a pidfd after checking, on that pidfd's
-// process, that the start time still matches.
-func killIdentity(id reaper.Identity) error {
-	fd, err := unix.PidfdOpen(id.Pid, 0)
-	if errors.Is(err, unix.ESRCH) {
-		return nil
-	}
-	if err != nil {
-		return os.NewSyscallError("pidfd_open", err)
-	}
-	defer unix.Close(fd)
-	// The pidfd pins the process: if it still has our start time now, the
-	// signal below reaches it and nothing else.
-	if same, err := id.Exists(); err != nil || !same {
-		return err
-	}
-	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
-		return os.NewSyscallError("pidfd_send_signal", err)
-	}
-	return nil
 }
 
 func removeStateFiles(stateDir string) {
