@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -39,14 +40,31 @@ type procStat struct {
 
 // readProcStat parses /proc/<pid>/stat. A missing process is errdefs.ErrNotFound.
 func readProcStat(pid int) (procStat, error) {
-	data, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
+	f, err := os.Open(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return procStat{}, fmt.Errorf("process %d: %w", pid, errdefs.ErrNotFound)
-		}
-		return procStat{}, err
+		return procStat{}, procError(pid, err)
+	}
+	defer f.Close()
+	statOpened(pid)
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return procStat{}, procError(pid, err)
 	}
 	return parseProcStat(data)
+}
+
+// statOpened runs between the open and the read of a stat file; tests use it
+// to make the process disappear in that window.
+var statOpened = func(pid int) {}
+
+// procError maps an error reading /proc/<pid>/... to errdefs.ErrNotFound when
+// it means the process is gone. A process reaped after its file was opened
+// makes the read fail with ESRCH rather than the open with ENOENT.
+func procError(pid int, err error) error {
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("process %d: %w", pid, errdefs.ErrNotFound)
+	}
+	return err
 }
 
 // parseProcStat parses the contents of a /proc/<pid>/stat file. The command

@@ -488,3 +488,29 @@ func TestIdentitySignalNeverHitsAReusedPid(t *testing.T) {
 		t.Fatalf("signal after exit = %v; want not found", err)
 	}
 }
+
+// A process reaped between the open and the read of its stat file makes the
+// read fail with ESRCH. That is "gone" (errdefs.ErrNotFound, so Running says
+// false), not an error: CI once failed a manager test with
+// "read /proc/N/stat: no such process" when a fake shim exited in that
+// window. Verified two-sided: with procError's ESRCH case removed, Running
+// returns that error and this test fails.
+func TestStatReadAfterReapIsNotFound(t *testing.T) {
+	p := start(t, "sleep", "60")
+	id, err := ReadIdentity(p.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	statOpened = func(pid int) {
+		if pid == p.Pid() {
+			_ = p.Signal(syscall.SIGKILL)
+			waitExit(t, p)
+			waitGone(t, pid)
+		}
+	}
+	defer func() { statOpened = func(int) {} }()
+	running, err := id.Running()
+	if err != nil || running {
+		t.Fatalf("Running of a process reaped mid-read = %v, %v; want false, nil", running, err)
+	}
+}
