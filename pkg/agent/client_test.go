@@ -252,16 +252,28 @@ func TestProtocolViolationAfterDialClosesClient(t *testing.T) {
 			t.Run(phase.name+"/"+v.name, func(t *testing.T) {
 				checkLeaks(t)
 				hungUp := make(chan struct{})
+				// dialed holds an unsolicited violation back until Dial
+				// has returned: sent earlier, it (rightly) fails Dial,
+				// which the test above covers.
+				dialed := make(chan struct{})
 				path := rawGuest(t, func(c net.Conn) {
 					defer close(hungUp)
-					id, _, err := readFrame(c)
-					if err != nil {
-						return
+					// Dial pings twice: to find the agent, then with
+					// the host's clock. Both are answered.
+					var id uint32
+					for range 2 {
+						var err error
+						if id, _, err = readFrame(c); err != nil {
+							return
+						}
+						if _, err := c.Write(pingReply(t, id)); err != nil {
+							return
+						}
 					}
-					if _, err := c.Write(pingReply(t, id)); err != nil {
-						return
-					}
-					if !phase.unsolicited {
+					if phase.unsolicited {
+						<-dialed
+					} else {
+						var err error
 						if id, _, err = readFrame(c); err != nil {
 							return
 						}
@@ -270,6 +282,7 @@ func TestProtocolViolationAfterDialClosesClient(t *testing.T) {
 					_, _ = io.Copy(io.Discard, c)
 				})
 				c := dial(t, path)
+				close(dialed)
 
 				if !phase.unsolicited {
 					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
