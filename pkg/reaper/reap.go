@@ -49,10 +49,7 @@ func (r *Reaper) Reap(pid int, deadline time.Time) (Outcome, Exit, error) {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if errors.Is(err, unix.ESRCH) {
 		// Gone already: if the loop reaped it, report its status.
-		if e, ok := r.takeRecentOrphan(pid); ok {
-			return Reaped, e, nil
-		}
-		return NotOurChild, Exit{}, nil
+		return r.reapedBefore(pid)
 	}
 	if err != nil {
 		return 0, Exit{}, os.NewSyscallError("pidfd_open", err)
@@ -66,18 +63,26 @@ func (r *Reaper) Reap(pid int, deadline time.Time) (Outcome, Exit, error) {
 	var info unix.Siginfo
 	err = unix.Waitid(unix.P_PIDFD, fd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
 	if errors.Is(err, unix.ECHILD) {
-		if e, ok := r.takeRecentOrphan(pid); ok {
-			return Reaped, e, nil
-		}
-		return NotOurChild, Exit{}, nil
+		return r.reapedBefore(pid)
 	}
 	return waitDone(r.Claim(pid, time.Now().Add(-orphanTTL)), deadline)
 }
 
-func (r *Reaper) takeRecentOrphan(pid int) (Exit, bool) {
+// reapedBefore reports the exit of pid, which is no longer in the process
+// table: Reaped with its status if the loop reaped it recently (delivered to
+// a handle, or stored as an orphan), NotOurChild otherwise.
+func (r *Reaper) reapedBefore(pid int) (Outcome, Exit, error) {
+	if p, ok := r.recentlyFinished(pid); ok {
+		e, _ := p.Exit()
+		return Reaped, e, nil
+	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.takeOrphanLocked(pid, time.Now().Add(-orphanTTL))
+	e, ok := r.takeOrphanLocked(pid, time.Now().Add(-orphanTTL))
+	r.mu.Unlock()
+	if ok {
+		return Reaped, e, nil
+	}
+	return NotOurChild, Exit{}, nil
 }
 
 func waitDone(p *Process, deadline time.Time) (Outcome, Exit, error) {

@@ -46,13 +46,17 @@ const (
 
 // Reaper is the process-wide owner of wait. Use Default.
 type Reaper struct {
-	// mu guards waiting, orphans.
+	// mu guards waiting, orphans, finished.
 	mu sync.Mutex
 	// waiting maps a pid to the handle that receives its exit. Guarded by mu.
 	waiting map[int]*Process
 	// orphans are exits that were reaped before anyone registered their
 	// pid, oldest first. Guarded by mu.
 	orphans []Exit
+	// finished are handles whose exit was delivered, oldest first, kept
+	// (bounded like orphans) so that Reap by pid still reports an exit
+	// the loop delivered just before Reap looked. Guarded by mu.
+	finished []*Process
 
 	// reaped counts reaped processes; tests and benchmarks read it.
 	reaped uint64
@@ -125,8 +129,11 @@ func (r *Reaper) deliver(e Exit) {
 	p, ok := r.waiting[e.Pid]
 	if ok {
 		delete(r.waiting, e.Pid)
-		r.mu.Unlock()
+		// Finished before it is stored, so Reap never sees it without
+		// its exit.
 		p.finish(e)
+		r.storeFinishedLocked(p, e.Time)
+		r.mu.Unlock()
 		return
 	}
 	r.storeOrphanLocked(e)
@@ -149,6 +156,36 @@ func (r *Reaper) storeOrphanLocked(e Exit) {
 		r.orphans = append(r.orphans[:0], r.orphans[cut:]...)
 	}
 	r.orphans = append(r.orphans, e)
+}
+
+// storeFinishedLocked remembers p, whose exit at t is being delivered,
+// dropping entries older than orphanTTL and the oldest past maxOrphans.
+func (r *Reaper) storeFinishedLocked(p *Process, t time.Time) {
+	cut := 0
+	for cut < len(r.finished) && t.Sub(r.finished[cut].exitTime()) > orphanTTL {
+		cut++
+	}
+	if len(r.finished)-cut >= maxOrphans {
+		cut++
+	}
+	if cut > 0 {
+		r.finished = append(r.finished[:0], r.finished[cut:]...)
+	}
+	r.finished = append(r.finished, p)
+}
+
+// recentlyFinished returns the newest handle of pid whose exit was
+// delivered within orphanTTL, if any.
+func (r *Reaper) recentlyFinished(pid int) (*Process, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	since := time.Now().Add(-orphanTTL)
+	for i := len(r.finished) - 1; i >= 0; i-- {
+		if p := r.finished[i]; p.pid == pid {
+			return p, !p.exitTime().Before(since)
+		}
+	}
+	return nil, false
 }
 
 // takeOrphanLocked removes and returns the newest stored exit of pid that
@@ -269,6 +306,13 @@ func (p *Process) finish(e Exit) {
 		// may wait on a pipe a grandchild still holds.
 		go p.join()
 	}
+}
+
+// exitTime returns when the exit was reaped; zero before.
+func (p *Process) exitTime() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.exit.Time
 }
 
 // Pid returns the process id.

@@ -514,3 +514,24 @@ func TestStatReadAfterReapIsNotFound(t *testing.T) {
 		t.Fatalf("Running of a process reaped mid-read = %v, %v; want false, nil", running, err)
 	}
 }
+
+// Reap by pid of a started child whose exit the loop delivered to its
+// handle just before Reap looked must report that exit, not NotOurChild.
+// TestReapTimesOutOnProcessIgnoringSIGTERMThenReapsAfterSIGKILL failed
+// this way once in 10 -race runs (SIGKILL, then Reap after the loop had
+// already delivered). Verified two-sided: with deliver not storing the
+// finished handle, this fails with "not our child".
+func TestReapAfterDeliveryReportsTheExit(t *testing.T) {
+	p := start(t, "sh", "-c", "exit 5")
+	waitExit(t, p)
+	waitGone(t, p.Pid())
+	out, e, err := Default().Reap(p.Pid(), time.Now().Add(time.Second))
+	if err != nil || out != Reaped || e.Status != 5 {
+		t.Fatalf("reap after delivery = %v %+v %v; want reaped status 5", out, e, err)
+	}
+	// Every caller gets the same answer.
+	out, e, err = Default().Reap(p.Pid(), time.Now().Add(time.Second))
+	if err != nil || out != Reaped || e.Status != 5 {
+		t.Fatalf("second reap = %v %+v %v; want reaped status 5", out, e, err)
+	}
+}
