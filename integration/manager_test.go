@@ -326,6 +326,14 @@ func TestManagerRunAppliesMemoryAndCPUs(t *testing.T) {
 	if r.code != 0 || r.stdout != "2\n" {
 		t.Fatalf("--cpus 2: %v", r)
 	}
+	// The box sees its own limits at /sys/fs/cgroup, read-only, as under
+	// docker and nerdctl. (Failed with the cgroup mount left out of the
+	// manager's spec: no such file.)
+	r = m.run(nil, "run", "--rm", "--memory", "48m", "--cpus", "0.5", "--rootfs", m.rootfs, "--",
+		"sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max; touch /sys/fs/cgroup/x 2>/dev/null || echo ro")
+	if want := "50331648\n50000 100000\nro\n"; r.code != 0 || r.stdout != want {
+		t.Fatalf("limits seen in the box: %v, want stdout %q", r, want)
+	}
 	// A hog over its limit is OOM-killed: exit 137, and the record says so.
 	// (tail buffers the "line" of /dev/zero, which never ends.)
 	r = m.run(nil, "run", "--name", "hog", "--memory", "32m", "--rootfs", m.rootfs, "--", "tail", "/dev/zero")

@@ -94,6 +94,14 @@ func GenerateSpec(id string, s BoxSpec) (*specs.Spec, error) {
 		// No image config: PATH is containerd's default, as ctr --rootfs.
 		oci.WithDefaultPathEnv,
 		oci.WithEnv(s.Env),
+		// As docker and nerdctl do (ctr does not): the box sees its own
+		// cgroup, read-only, at /sys/fs/cgroup.
+		oci.WithMounts([]specs.Mount{{
+			Destination: "/sys/fs/cgroup",
+			Type:        "cgroup",
+			Source:      "cgroup",
+			Options:     []string{"ro", "nosuid", "noexec", "nodev"},
+		}}),
 	}
 	if s.Cwd != "" {
 		opts = append(opts, oci.WithProcessCwd(s.Cwd))
