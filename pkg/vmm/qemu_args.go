@@ -51,6 +51,10 @@ func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
 		"-append", kernelCmdline(c.KernelArgs),
 		"-fsdev", "local,id=fs0,path="+escapeOpt(c.Rootfs)+",security_model=none",
 		"-device", "virtio-9p-device,fsdev=fs0,mount_tag="+RootfsTag,
+		// Free page reporting: the guest tells QEMU which pages it freed
+		// and QEMU gives them back to the host, so the VMM's RSS falls
+		// after a workload frees memory instead of staying at its peak.
+		"-device", "virtio-balloon-device,free-page-reporting=on",
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,fd="+strconv.Itoa(fds.agent)+",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name="+AgentPortName,

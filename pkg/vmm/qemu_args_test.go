@@ -25,6 +25,7 @@ func TestQEMUArgsTCG(t *testing.T) {
 		"-append", "console=ttyS0 reboot=t panic=-1 quiet",
 		"-fsdev", "local,id=fs0,path=/b/rootfs,security_model=none",
 		"-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
+		"-device", "virtio-balloon-device,free-page-reporting=on",
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=agent",
