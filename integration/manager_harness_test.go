@@ -35,6 +35,8 @@ type mgr struct {
 	t      testing.TB
 	state  string
 	rootfs string
+	// binary is the boxlite to run (default boxliteBin).
+	binary string
 }
 
 // newMgr skips without the built binaries, makes a short state directory
@@ -48,7 +50,7 @@ func newMgr(t testing.TB) *mgr {
 			t.Skipf("%s missing: run make build", p)
 		}
 	}
-	m := &mgr{t: t, state: filepath.Join(shortTempDir(t), "st"), rootfs: busyboxRootfs(t)}
+	m := &mgr{t: t, state: filepath.Join(shortTempDir(t), "st"), rootfs: busyboxRootfs(t), binary: boxliteBin}
 	t.Cleanup(m.assertClean)
 	return m
 }
@@ -72,7 +74,7 @@ func clipStr(s string) string {
 
 // command returns the boxlite command line for args with --state.
 func (m *mgr) command(args ...string) *exec.Cmd {
-	cmd := exec.Command(boxliteBin, append([]string{"--state", m.state}, args...)...)
+	cmd := exec.Command(m.binary, append([]string{"--state", m.state}, args...)...)
 	cmd.Env = append(os.Environ(), "BOXLITE_STATE=")
 	return cmd
 }

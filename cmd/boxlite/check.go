@@ -32,7 +32,7 @@ func (r *checkReport) print(w io.Writer) {
 // images, and fails with one line per problem when a box cannot run here.
 func runCheck(ctx context.Context, env *cliEnv, args []string) error {
 	fs := newFlagSet(env, "check", "check [--kernel FILE] [--initrd FILE] [--accel auto|kvm|tcg] [--qemu BINARY]")
-	kernel := fs.String("kernel", "", "guest kernel (default: $BOXLITE_KERNEL, vmlinux next to boxlite, /usr/local/share/boxlite, /usr/share/boxlite)")
+	kernel := fs.String("kernel", "", "guest kernel (default: $BOXLITE_KERNEL, vmlinux next to boxlite, ../share/boxlite from it, /usr/local/share/boxlite, /usr/share/boxlite)")
 	initrd := fs.String("initrd", "", "guest initramfs (default: $BOXLITE_INITRD, initramfs.cpio in the same places)")
 	accel := fs.String("accel", string(vmm.AccelAuto), "accelerator to check: auto, kvm or tcg")
 	qemu := fs.String("qemu", "", "QEMU binary (default: "+vmm.QEMUBinaryName+" from PATH)")

@@ -29,7 +29,8 @@ var shareDirs = []string{"/usr/local/share/boxlite", "/usr/share/boxlite"}
 
 // FindKernel returns the absolute path of the guest kernel: path if not
 // empty, else $BOXLITE_KERNEL if set, else the first vmlinux next to the
-// running executable, in /usr/local/share/boxlite or in /usr/share/boxlite.
+// running executable, in ../share/boxlite from it, in
+// /usr/local/share/boxlite or in /usr/share/boxlite.
 // The file must exist; the error says how to get it.
 func FindKernel(path string) (string, error) {
 	return findImage("kernel", KernelName, path, KernelEnv, kernelFix)
@@ -54,14 +55,17 @@ func findImage(what, name, path, env, fix string) (string, error) {
 	return checkFile(what, path, fix)
 }
 
-// searchDirs is the executable's directory followed by shareDirs.
+// searchDirs is the executable's directory, then <prefix>/share/boxlite
+// for an executable in <prefix>/bin (so make install PREFIX=... works
+// without configuration), then shareDirs.
 func searchDirs() []string {
 	var dirs []string
 	if exe, err := os.Executable(); err == nil {
 		if real, err := filepath.EvalSymlinks(exe); err == nil {
 			exe = real
 		}
-		dirs = append(dirs, filepath.Dir(exe))
+		dir := filepath.Dir(exe)
+		dirs = append(dirs, dir, filepath.Join(dir, "..", "share", "boxlite"))
 	}
 	return append(dirs, shareDirs...)
 }
