@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -178,12 +180,20 @@ func TestManagerShimSIGKILLTakesTheVMMDown(t *testing.T) {
 	m.ok("rm", id)
 }
 
+// The VMM dying under a task is exit 137 whatever killed it: QEMU exits 0
+// on SIGTERM, which must not read as a clean exit (kata #4419).
 func TestManagerVMMSIGKILLExits137AndTheShimAnswersDelete(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) { testVMMDeath(t, sig) })
+	}
+}
+
+func testVMMDeath(t *testing.T, sig syscall.Signal) {
 	m := newMgr(t)
 	id := m.runD("--", "sleep", "1000")
 	lines := m.events()
 	shim, vmm := m.pids(id)
-	if err := syscall.Kill(vmm, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(vmm, sig); err != nil {
 		t.Fatal(err)
 	}
 	f := waitEvent(t, lines, "/tasks/exit", id)
