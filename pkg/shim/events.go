@@ -179,9 +179,15 @@ func (s *service) finishExit(b *box, p *process, e exitInfo) {
 	})
 }
 
-// vmDied records exit 137 for every process of a box whose VM is gone.
+// vmDied records exit 137 for every process of a box whose VM is gone,
+// after a TaskOOM when the host's OOM killer killed the VMM (kata #4419: a
+// VMM killed for memory must not read as an ordinary exit).
 func (s *service) vmDied(b *box) {
 	now := time.Now()
+	if b.sb.VM().OOMKilled() {
+		log.L.WithField("id", b.id).Warn("the host's OOM killer killed the vmm")
+		s.events.send(&eventstypes.TaskOOM{ContainerID: b.id})
+	}
 	for _, p := range b.processes() {
 		st, _ := p.current()
 		if st == stateCreated {

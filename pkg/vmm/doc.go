@@ -39,6 +39,9 @@ type VM interface {
 	// Kill sends SIGKILL to the monitor and waits a bounded time for it to
 	// be reaped.
 	Kill() error
+	// OOMKilled reports, once Done is closed, whether the host's OOM
+	// killer killed the monitor.
+	OOMKilled() bool
 	// AgentSocket is the host unix socket connected to the guest agent's
 	// port.
 	AgentSocket() string

@@ -81,6 +81,12 @@ type QEMU struct {
 	console *console
 	// exit is the monitor's exit, valid once done is closed. Guarded by mu.
 	exit reaper.Exit
+	// oom counts host OOM kills in the monitor's memory cgroup; nil when
+	// the host has none. Guarded by mu.
+	oom *oomCounter
+	// oomKilled says the host's OOM killer killed the monitor, valid once
+	// done is closed. Guarded by mu.
+	oomKilled bool
 	// err is why no monitor ran, valid once done is closed. Guarded by mu.
 	err error
 }
@@ -146,6 +152,21 @@ func (q *QEMU) ConsoleTail(n int) []string {
 		return nil
 	}
 	return c.Tail(n)
+}
+
+// OOMKilled reports, once Done is closed, whether the host's OOM killer
+// killed the monitor: it died of SIGKILL while the OOM-kill count of its
+// memory cgroup (the one it was started in) went up.
+func (q *QEMU) OOMKilled() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.oomKilled
+}
+
+func (q *QEMU) oomCounter() *oomCounter {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.oom
 }
 
 // Done is closed once the monitor has exited and been reaped, its pid file
@@ -270,6 +291,12 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.ExtraFiles = []*os.File{qmpL, agentL}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	// The monitor starts in our memory cgroup: count its OOM kills from
+	// before it can allocate anything.
+	oom, oerr := newOOMCounter(os.Getpid())
+	if oerr != nil {
+		log.L.WithError(oerr).Debug("no host OOM counter: a host OOM kill of the vmm reads as a plain SIGKILL")
+	}
 	proc, err := reaper.Default().Start(cmd)
 	if err != nil {
 		return nil, fmt.Errorf("launch %s: %w", q.cfg.QEMUBinary, err)
@@ -278,7 +305,7 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	// Written before watch starts, so watch's removal cannot come first.
 	err = reaper.WritePidFile(q.pidPath, proc.Identity())
 	q.mu.Lock()
-	q.proc, q.console = proc, cons
+	q.proc, q.console, q.oom = proc, cons, oom
 	q.mu.Unlock()
 	close(q.launched)
 	go q.watch(proc, r, cons)
@@ -359,9 +386,14 @@ func (q *QEMU) watch(proc *reaper.Process, out *os.File, cons *console) {
 	}
 	os.Remove(q.qmpPath)
 	os.Remove(q.agentPath)
+	oomKilled := exit.Signal == syscall.SIGKILL && q.oomCounter().increased()
+	if oomKilled {
+		log.L.WithField("pid", exit.Pid).Warn("vmm was killed by the host's OOM killer")
+	}
 	q.mu.Lock()
 	q.state = stateExited
 	q.exit = exit
+	q.oomKilled = oomKilled
 	q.mu.Unlock()
 	close(q.done)
 }
