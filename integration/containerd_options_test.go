@@ -50,6 +50,21 @@ func TestContainerdAnnotationsSizeTheVM(t *testing.T) {
 	}
 }
 
+// TestContainerdLimitsSizeTheVM: a container's limits (ctr --memory-limit,
+// --cpus; nerdctl and Kubernetes set the same spec fields) grow its VM so
+// they can be reached, as with Kata. Verified two-sided: before the shim
+// sized the VM from the spec, the box had 1 vCPU and about 256 MiB.
+func TestContainerdLimitsSizeTheVM(t *testing.T) {
+	c := startContainerd(t)
+	r := c.runRm(t, boxliteRuntime, []string{"--memory-limit", strconv.Itoa(512 << 20), "--cpus", "1.5"}, "sh", "-c", vmShape)
+	if r.code != 0 {
+		t.Fatalf("exit %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+	}
+	if vcpus, mem := parseShape(t, r.stdout); vcpus != 2 || !closeTo(mem, 512+64) {
+		t.Errorf("box has %d vCPUs and %d MiB, want 2 and about %d", vcpus, mem, 512+64)
+	}
+}
+
 // TestContainerdRuntimeOptionsSetTheVMDefaults gives the runtime its options
 // the two ways containerd delivers them: a config file (ctr
 // --runtime-config-path), and a TOML body (what the CRI plugin sends from the

@@ -8,29 +8,12 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"strconv"
 
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-)
-
-// Annotations the shim sizes a box's VM by (pkg/shim reads the same keys).
-const (
-	// VCPUsAnnotation is the VM's virtual CPUs, from --cpus rounded up.
-	VCPUsAnnotation = "io.boxlite.vcpus"
-	// MemoryAnnotation is the VM's memory in MiB, raised when --memory
-	// would not fit the default VM.
-	MemoryAnnotation = "io.boxlite.memory_mib"
-)
-
-// Guest memory sizing: the shim's default VM size, and the headroom the
-// guest kernel and agent need above a process's limit.
-const (
-	defaultVMMemoryMiB = 256
-	guestOverheadMiB   = 64
 )
 
 // cfsPeriod is the CPU bandwidth period --cpus is expressed against.
@@ -109,22 +92,15 @@ func GenerateSpec(id string, s BoxSpec) (*specs.Spec, error) {
 	if s.User != "" {
 		opts = append(opts, oci.WithUser(s.User))
 	}
-	annotations := map[string]string{}
+	// The shim sizes the VM to fit these limits.
 	if s.MemoryBytes > 0 {
 		opts = append(opts, oci.WithMemoryLimit(s.MemoryBytes))
-		if need := int((s.MemoryBytes+(1<<20)-1)>>20) + guestOverheadMiB; need > defaultVMMemoryMiB {
-			annotations[MemoryAnnotation] = strconv.Itoa(need)
-		}
 	}
 	if s.CPUs < 0 {
 		return nil, errorf(errdefs.ErrInvalidArgument, "--cpus %v: must be positive", s.CPUs)
 	}
 	if s.CPUs > 0 {
-		opts = append(opts, oci.WithCPUCFS(int64(s.CPUs*cfsPeriod), cfsPeriod))
-		annotations[VCPUsAnnotation] = strconv.Itoa(max(1, int(math.Ceil(s.CPUs))))
-	}
-	if len(annotations) > 0 {
-		opts = append(opts, oci.WithAnnotations(annotations))
+		opts = append(opts, oci.WithCPUCFS(int64(math.Ceil(s.CPUs*cfsPeriod)), cfsPeriod))
 	}
 	if s.Terminal {
 		opts = append(opts, oci.WithTTY)

@@ -82,6 +82,7 @@ func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error)
 			return o, err
 		}
 	}
+	o.fitResources(spec)
 	for _, ann := range sortedKeys(spec.Annotations) {
 		if _, ok := annotationKnown[ann]; ok {
 			if err := o.set(ann, spec.Annotations[ann], "annotation "+ann); err != nil {
@@ -90,6 +91,47 @@ func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error)
 		}
 	}
 	return o, nil
+}
+
+// GuestOverheadMiB is the memory the guest kernel and agent need above a
+// container's memory limit.
+const GuestOverheadMiB = 64
+
+// maxVCPUs is the most vCPUs a VM gets.
+const maxVCPUs = 64
+
+// fitResources grows the VM so the container's limits can be reached
+// inside it, as Kata does: memory to the limit plus GuestOverheadMiB, vCPUs
+// to the CPU quota rounded up. A VM is never made smaller than its default
+// (the runtime option, else pkg/vmm's), and the io.boxlite.vcpus and
+// io.boxlite.memory_mib annotations, applied after, still set exact sizes.
+// Without this a container limited to 1 GiB (ctr --memory-limit, nerdctl
+// --memory, a Kubernetes limit) would be OOM-killed near 200 MiB.
+func (o *vmOptions) fitResources(spec *specs.Spec) {
+	if spec.Linux == nil || spec.Linux.Resources == nil {
+		return
+	}
+	res := spec.Linux.Resources
+	if m := res.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
+		limitMiB := (*m.Limit + (1 << 20) - 1) >> 20
+		def := int64(o.memoryMiB)
+		if def == 0 {
+			def = vmm.DefaultMemoryMiB
+		}
+		if need := limitMiB + GuestOverheadMiB; need > def && need <= 1<<20 {
+			o.memoryMiB = int(need)
+		}
+	}
+	if c := res.CPU; c != nil && c.Quota != nil && *c.Quota > 0 && c.Period != nil && *c.Period > 0 {
+		need := int((uint64(*c.Quota) + *c.Period - 1) / *c.Period)
+		def := o.vcpus
+		if def == 0 {
+			def = vmm.DefaultVCPUs
+		}
+		if need > def {
+			o.vcpus = min(need, maxVCPUs)
+		}
+	}
 }
 
 // annotationKnown is the set of io.boxlite.* annotations.

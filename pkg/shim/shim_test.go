@@ -233,3 +233,52 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 		})
 	}
 }
+
+// A container's memory limit and CPU quota size its VM, never below the
+// default; the annotations still set exact sizes.
+func TestVMIsSizedToFitTheLimits(t *testing.T) {
+	body := func(b string) *anypb.Any {
+		a, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(b)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	res := func(mem int64, quota int64, period uint64) *specs.Linux {
+		r := &specs.LinuxResources{}
+		if mem != 0 {
+			r.Memory = &specs.LinuxMemory{Limit: &mem}
+		}
+		if quota != 0 {
+			r.CPU = &specs.LinuxCPU{Quota: &quota, Period: &period}
+		}
+		return &specs.Linux{Resources: r}
+	}
+	tests := []struct {
+		name  string
+		linux *specs.Linux
+		opts  *anypb.Any
+		ann   map[string]string
+		want  vmOptions
+	}{
+		{"no limits", nil, nil, nil, vmOptions{}},
+		{"limit fits the default VM", res(128<<20, 0, 0), nil, nil, vmOptions{}},
+		{"1 GiB limit", res(1<<30, 0, 0), nil, nil, vmOptions{memoryMiB: 1024 + GuestOverheadMiB}},
+		{"unaligned limit rounds up", res(500_000_000, 0, 0), nil, nil, vmOptions{memoryMiB: 477 + GuestOverheadMiB}},
+		{"runtime default is bigger", res(300<<20, 0, 0), body("memory_mib = 1024"), nil, vmOptions{memoryMiB: 1024}},
+		{"runtime default is smaller", res(300<<20, 0, 0), body("memory_mib = 128"), nil, vmOptions{memoryMiB: 300 + GuestOverheadMiB}},
+		{"1.5 cpus", res(0, 150000, 100000), nil, nil, vmOptions{vcpus: 2}},
+		{"half a cpu", res(0, 50000, 100000), nil, nil, vmOptions{}},
+		{"quota capped", res(0, 1000*100000, 100000), nil, nil, vmOptions{vcpus: 64}},
+		{"annotations win", res(1<<30, 400000, 100000), nil,
+			map[string]string{AnnotationMemory: "512", AnnotationVCPUs: "1"}, vmOptions{memoryMiB: 512, vcpus: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVMOptions(&specs.Spec{Linux: tt.linux, Annotations: tt.ann}, tt.opts)
+			if err != nil || got != tt.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
+			}
+		})
+	}
+}
