@@ -6,12 +6,16 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/typeurl/v2"
+
+	"github.com/boxlite/boxlite/pkg/health"
+	healthapi "github.com/boxlite/boxlite/pkg/health/api"
 )
 
 // taskEvent is one /tasks/ event about a container.
@@ -42,11 +46,14 @@ type eventLog struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	// mu guards byContainer and err.
+	// mu guards byContainer, health and err.
 	mu sync.Mutex
 	// byContainer lists each container's task events in arrival order.
 	byContainer map[string][]taskEvent
-	err         error
+	// health lists each container's health statuses in arrival order, apart
+	// from the task events (a long test may see a default health check).
+	health map[string][]string
+	err    error
 }
 
 // subscribe starts recording events and returns once the subscription is
@@ -56,7 +63,7 @@ func (c *containerd) subscribe(t testing.TB) *eventLog {
 	cl := c.goClient(t)
 	ctx, cancel := context.WithCancel(nsCtx(context.Background()))
 	ch, errs := cl.Subscribe(ctx, `namespace==`+testNamespace)
-	l := &eventLog{cancel: cancel, done: make(chan struct{}), byContainer: map[string][]taskEvent{}}
+	l := &eventLog{cancel: cancel, done: make(chan struct{}), byContainer: map[string][]taskEvent{}, health: map[string][]string{}}
 	synced := make(chan struct{})
 	sentinel := fmt.Sprintf("sync-%d", time.Now().UnixNano())
 	go func() {
@@ -135,6 +142,13 @@ func (l *eventLog) record(env *events.Envelope, sentinel string, synced chan str
 		cid = ev.ContainerID
 	case *eventstypes.TaskResumed:
 		cid = ev.ContainerID
+	case *healthapi.TaskHealth:
+		if env.Topic == health.Topic {
+			l.mu.Lock()
+			l.health[ev.GetContainerId()] = append(l.health[ev.GetContainerId()], ev.GetStatus())
+			l.mu.Unlock()
+		}
+		return
 	default:
 		return
 	}
@@ -148,6 +162,28 @@ func (l *eventLog) of(id string) []taskEvent {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return append([]taskEvent(nil), l.byContainer[id]...)
+}
+
+// healthOf returns id's health statuses so far, space-separated.
+func (l *eventLog) healthOf(id string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.health[id], " ")
+}
+
+// waitHealth waits until id's health statuses, space-separated, contain
+// want, and reports whether they did within d.
+func (l *eventLog) waitHealth(id, want string, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if strings.Contains(l.healthOf(id), want) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // waitFor waits until id's events, as a string, contain want, and reports
@@ -246,4 +282,38 @@ func TestContainerdEventsOfAnExecAreCompleteAndOrdered(t *testing.T) {
 			checkEvents(t, rt, fmtEvents(l.of(id)), want)
 		})
 	}
+}
+
+// TestContainerdReceivesHealthEvents: containerd accepts the shim's
+// /tasks/health events and hands them to subscribers: a box tuned by
+// annotations to probe every 200 ms becomes healthy; its VMM stopped with
+// SIGSTOP stops answering and becomes unhealthy; continued, healthy again.
+// Verified two-sided: without the shim's health checker no /tasks/health
+// event arrives and the test fails.
+func TestContainerdReceivesHealthEvents(t *testing.T) {
+	c := startContainerd(t)
+	l := c.subscribe(t)
+	ann := []string{"--null-io",
+		"--annotation", health.AnnotationInterval + "=200ms", "--annotation", health.AnnotationTimeout + "=1s",
+		"--annotation", health.AnnotationStartPeriod + "=0s", "--annotation", health.AnnotationRetries + "=2"}
+	id := c.runDetached(t, boxliteRuntime, ann, "sleep", "1000")
+	vmm := c.taskPid(t, id)
+	if !l.waitHealth(id, "healthy", time.Minute) {
+		t.Fatalf("no healthy event: health events %q", l.healthOf(id))
+	}
+	if err := syscall.Kill(vmm, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	ok := l.waitHealth(id, "healthy unhealthy", time.Minute)
+	syscall.Kill(vmm, syscall.SIGCONT)
+	if !ok {
+		t.Fatalf("no unhealthy event while the VMM was stopped: health events %q", l.healthOf(id))
+	}
+	if !l.waitHealth(id, "healthy unhealthy healthy", time.Minute) {
+		t.Fatalf("no healthy event after the VMM continued: health events %q", l.healthOf(id))
+	}
+	c.mustRun(t, "task", "kill", "-s", "SIGKILL", id)
+	c.waitStatus(t, id, "STOPPED")
+	c.mustRun(t, "task", "delete", id)
+	c.mustRun(t, "container", "rm", id)
 }

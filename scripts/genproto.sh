@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# genproto.sh regenerates pkg/agent/api from agent.proto with pinned generators.
+# genproto.sh regenerates pkg/agent/api from agent.proto and pkg/health/api
+# from health.proto with pinned generators.
 # The generated files are committed; CI does not need protoc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,6 @@ PATH=$bin:$PATH protoc -I pkg/agent/api \
 	--go_out=paths=source_relative:pkg/agent/api \
 	--go-ttrpc_out=paths=source_relative:pkg/agent/api \
 	pkg/agent/api/agent.proto
+PATH=$bin:$PATH protoc -I pkg/health/api \
+	--go_out=paths=source_relative:pkg/health/api \
+	pkg/health/api/health.proto

@@ -32,6 +32,9 @@ func TestBadCommandLinesAreOneLineUsageErrors(t *testing.T) {
 		{"no command", []string{"run", "--state", st, "--rootfs", st}, "run: no command given"},
 		{"detach and interactive", []string{"run", "--state", st, "-d", "-i", "--rootfs", st, "--", "true"}, "-d cannot be combined"},
 		{"bad memory", []string{"run", "--state", st, "--memory", "lots", "--rootfs", st, "--", "true"}, `invalid memory size "lots"`},
+		{"bad health interval", []string{"run", "--state", st, "--health-interval", "soon", "--rootfs", st, "--", "true"}, `--health-interval="soon": want a duration`},
+		{"bad health retries", []string{"create", "--state", st, "--health-retries", "0", "--rootfs", st, "--", "true"}, `--health-retries="0": want 1 to 1000`},
+		{"health tuning without health", []string{"run", "--state", st, "--no-health-check", "--health-timeout", "1s", "--rootfs", st, "--", "true"}, "--health-timeout makes no sense with --no-health-check"},
 		{"kill without box", []string{"kill", "--state", st}, "kill: no box given"},
 		{"kill bad signal", []string{"kill", "--state", st, "-s", "NOPE", "x"}, `invalid signal "NOPE"`},
 		{"rm without box", []string{"rm", "--state", st}, "rm: no box given"},
@@ -91,7 +94,7 @@ func TestAnUnwritableStateDirectoryIsOneLine(t *testing.T) {
 
 func TestPsOfAnEmptyStateDirectoryPrintsTheHeader(t *testing.T) {
 	out, _, err := runCLI(t, "--state", stateDir(t), "ps")
-	if err != nil || !strings.HasPrefix(out, "ID") || !strings.Contains(out, "SHIM-PID  VMM-PID  COMMAND") {
+	if err != nil || !strings.HasPrefix(out, "ID") || !strings.Contains(out, "SHIM-PID  VMM-PID  HEALTH  COMMAND") {
 		t.Fatalf("ps: %q, %v", out, err)
 	}
 }

@@ -46,14 +46,14 @@ func runPs(ctx context.Context, env *cliEnv, args []string) error {
 
 func printTable(env *cliEnv, recs []manager.Record) {
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "ID\tNAME\tSTATUS\tEXIT\tSHIM-PID\tVMM-PID\tCOMMAND")
+	fmt.Fprintln(w, "ID\tNAME\tSTATUS\tEXIT\tSHIM-PID\tVMM-PID\tHEALTH\tCOMMAND")
 	for _, r := range recs {
 		exit := "-"
 		if r.Status == manager.StatusStopped {
 			exit = strconv.FormatUint(uint64(r.ExitStatus), 10)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, dash(r.Name), r.Status, exit,
-			pid(r.ShimPid), pid(r.VMMPid), clipCommand(r.Command))
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, dash(r.Name), r.Status, exit,
+			pid(r.ShimPid), pid(r.VMMPid), dash(r.Health), clipCommand(r.Command))
 	}
 	w.Flush()
 }

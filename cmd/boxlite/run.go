@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/manager"
 )
 
@@ -17,6 +18,17 @@ type boxOptions struct {
 	env                                 envFlag
 	cpus                                float64
 	state                               *string
+	// noHealth and health (by annotation) tune the box's health check.
+	noHealth bool
+	health   map[string]*string
+}
+
+// healthFlags maps the health flags to the annotations they set.
+var healthFlags = []struct{ flag, annotation, usage string }{
+	{"health-interval", health.AnnotationInterval, "time between health probes (default 30s)"},
+	{"health-timeout", health.AnnotationTimeout, "bound of one health probe (default 10s)"},
+	{"health-start-period", health.AnnotationStartPeriod, "time after start when failed probes do not count (default 60s)"},
+	{"health-retries", health.AnnotationRetries, "failed probes in a row that make the box unhealthy (default 3)"},
 }
 
 // addBoxFlags adds the flags of a new box to fs.
@@ -28,7 +40,36 @@ func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	fs.StringVar(&o.name, "name", "", "box name (unique; default: none, use the id)")
 	fs.StringVar(&o.memory, "memory", "", "memory limit of the process, e.g. 256m or 1g (plain number: MiB)")
 	fs.Float64Var(&o.cpus, "cpus", 0, "CPUs of the box: sizes the VM and sets a CPU quota")
+	fs.BoolVar(&o.noHealth, "no-health-check", false, "turn off the box's health check (on by default: is the VM running and its agent answering)")
+	o.health = map[string]*string{}
+	for _, f := range healthFlags {
+		o.health[f.annotation] = fs.String(f.flag, "", f.usage)
+	}
 	o.state = stateFlag(env, fs)
+}
+
+// healthAnnotations validates the health flags and returns the annotations
+// they set (none for the defaults).
+func (o *boxOptions) healthAnnotations(cmd string) (map[string]string, error) {
+	ann := map[string]string{}
+	var check health.Options
+	for _, f := range healthFlags {
+		v := *o.health[f.annotation]
+		if v == "" {
+			continue
+		}
+		if o.noHealth {
+			return nil, usageErrorf(cmd, "--%s makes no sense with --no-health-check", f.flag)
+		}
+		if err := check.Set(f.annotation, v, "--"+f.flag); err != nil {
+			return nil, usageErrorf(cmd, "%v", err)
+		}
+		ann[f.annotation] = v
+	}
+	if o.noHealth {
+		ann[health.AnnotationDisabled] = "true"
+	}
+	return ann, nil
 }
 
 // createOptions turns the flags and the command into CreateOptions.
@@ -46,12 +87,17 @@ func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (ma
 	if o.cpus < 0 {
 		return manager.CreateOptions{}, usageErrorf(cmd, "--cpus must be positive")
 	}
+	ann, err := o.healthAnnotations(cmd)
+	if err != nil {
+		return manager.CreateOptions{}, err
+	}
 	return manager.CreateOptions{
 		ID:   manager.NewID(),
 		Name: o.name,
 		Spec: manager.BoxSpec{
 			Args: argv, Env: o.env, Cwd: o.workdir, User: o.user,
 			MemoryBytes: mem, CPUs: o.cpus, Terminal: terminal, Rootfs: o.rootfs,
+			Annotations: ann,
 		},
 	}, nil
 }
@@ -62,7 +108,7 @@ func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (ma
 func runRun(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
 	var rm, detach, interactive, tty bool
-	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	fs.BoolVar(&rm, "rm", false, "remove the box when its process exits")
 	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (output goes to box.log in its directory)")
@@ -174,7 +220,7 @@ func runForeground(ctx context.Context, env *cliEnv, m *manager.Manager, co mana
 // Its output will go to box.log in its directory.
 func runCreate(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
-	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err

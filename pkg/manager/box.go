@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/log"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -171,9 +172,15 @@ func (b *Box) syncState(ctx context.Context) error {
 		running, _ := vmm.Running()
 		vmmDead = !running
 	}
+	// The shim keeps the box's health in the bundle (events may have gone
+	// unheard while no manager served them).
+	hs, herr := health.ReadFile(b.rec.Bundle)
 	return b.update(func(r *Record) {
 		if vmmKnown && !vmmDead {
 			r.VMMPid, r.VMMStartTime = vmm.Pid, vmm.StartTime
+		}
+		if herr == nil {
+			r.Health = string(hs.Status)
 		}
 		switch {
 		case errdefs.IsNotFound(err):

@@ -38,6 +38,9 @@ type BoxSpec struct {
 	Terminal bool
 	// Rootfs is the root filesystem directory. Required.
 	Rootfs string
+	// Annotations are added to the spec (the io.boxlite.* settings the shim
+	// reads, such as the health check's).
+	Annotations map[string]string
 }
 
 // checkRootfs returns the absolute path of a root filesystem directory, or
@@ -104,6 +107,9 @@ func GenerateSpec(id string, s BoxSpec) (*specs.Spec, error) {
 	}
 	if s.Terminal {
 		opts = append(opts, oci.WithTTY)
+	}
+	if len(s.Annotations) > 0 {
+		opts = append(opts, oci.WithAnnotations(s.Annotations))
 	}
 	ctx := namespaces.WithNamespace(context.Background(), Namespace)
 	spec, err := oci.GenerateSpec(ctx, nil, &containers.Container{ID: id}, opts...)

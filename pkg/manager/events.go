@@ -18,10 +18,13 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
+
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
+
+	healthapi "github.com/boxlite/boxlite/pkg/health/api"
 )
 
 // Names of the events socket and the lock that says who owns it.
@@ -52,13 +55,15 @@ type Event struct {
 	ExitStatus uint32
 	// Pid is the process id the event names, if any.
 	Pid uint32
+	// Health is the new health of a /tasks/health event.
+	Health string
 	// Payload is the decoded event, or nil for a type the manager does not
 	// know.
 	Payload proto.Message
 }
 
 // String formats the event as boxlite events prints it:
-// TIME TOPIC ID [exec_id] [exit status].
+// TIME TOPIC ID [exec_id] [exit status] [health].
 func (e Event) String() string {
 	parts := []string{e.Time.UTC().Format(time.RFC3339Nano), e.Topic, orDash(e.ID)}
 	if e.ExecID != "" {
@@ -66,6 +71,9 @@ func (e Event) String() string {
 	}
 	if e.Exited {
 		parts = append(parts, strconv.FormatUint(uint64(e.ExitStatus), 10))
+	}
+	if e.Health != "" {
+		parts = append(parts, e.Health)
 	}
 	return strings.Join(parts, " ")
 }
@@ -124,6 +132,8 @@ func DecodeEnvelope(env *types.Envelope) (Event, error) {
 		ev.ID = m.GetContainerID()
 	case *eventtypes.TaskResumed:
 		ev.ID = m.GetContainerID()
+	case *healthapi.TaskHealth:
+		ev.ID, ev.Health = m.GetContainerId(), m.GetStatus()
 	}
 	return ev, nil
 }
@@ -170,6 +180,8 @@ func (s *Store) Apply(ev Event) error {
 			}
 			return nil
 		}
+	case *healthapi.TaskHealth:
+		fn = func(r *Record) error { r.Health = m.GetStatus(); return nil }
 	default:
 		return nil
 	}

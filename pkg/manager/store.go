@@ -98,6 +98,9 @@ type Record struct {
 	ExitedAt time.Time `json:"exited_at,omitzero"`
 	// OOMKilled says the shim reported an OOM kill in the box.
 	OOMKilled bool `json:"oom_killed,omitempty"`
+	// Health is the box's health as the shim last reported it: starting,
+	// healthy, unhealthy or disabled (empty before the box started).
+	Health string `json:"health,omitempty"`
 	// CreatedAt is when the box was created.
 	CreatedAt time.Time `json:"created_at"`
 }

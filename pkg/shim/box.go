@@ -17,6 +17,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/sandbox"
 	"github.com/boxlite/boxlite/pkg/vmm"
 )
@@ -41,10 +42,16 @@ type box struct {
 	sb       *sandbox.Sandbox
 	init     *process
 
-	// mu guards execs.
+	// healthOpts configures the health checker.
+	healthOpts health.Options
+
+	// mu guards execs, stopHealthFn.
 	mu sync.Mutex
 	// execs by exec id. Guarded by mu.
 	execs map[string]*process
+	// stopHealthFn ends the health checker; nil until one starts. Guarded
+	// by mu.
+	stopHealthFn context.CancelFunc
 }
 
 // readSpec reads and checks the bundle's OCI spec.
@@ -153,6 +160,7 @@ func bootBox(ctx context.Context, b *box, spec *specs.Spec, runtimeOpts *anypb.A
 		return err
 	}
 	b.sb = sb
+	b.healthOpts = o.health
 	return nil
 }
 
@@ -196,6 +204,7 @@ func (b *box) processes() []*process {
 // once the VMM is reaped, unmounts the rootfs and removes the state
 // directory. An error names the live pid and leaves the files in place.
 func (b *box) teardown(ctx context.Context) error {
+	b.stopHealth()
 	if b.sb != nil {
 		// No DeleteContainer in the guest first: the guest's shutdown kills
 		// every container's cgroup, reaps and unmounts, and the VM goes

@@ -12,6 +12,8 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/health"
+	healthapi "github.com/boxlite/boxlite/pkg/health/api"
 )
 
 // exitStatusVMDied is every task's status when the VM dies under it.
@@ -80,6 +82,8 @@ func topicOf(evt any) string {
 		return runtime.TaskPausedEventTopic
 	case *eventstypes.TaskResumed:
 		return runtime.TaskResumedEventTopic
+	case *healthapi.TaskHealth:
+		return health.Topic
 	}
 	return runtime.TaskUnknownTopic
 }
@@ -173,6 +177,9 @@ func (s *service) finishExit(b *box, p *process, e exitInfo) {
 	if !p.setExited(e) {
 		return
 	}
+	if p == b.init {
+		b.stopHealth()
+	}
 	s.events.send(&eventstypes.TaskExit{
 		ContainerID: b.id, ID: p.execIDOrID(), Pid: b.vmmPid(),
 		ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at),
@@ -183,6 +190,7 @@ func (s *service) finishExit(b *box, p *process, e exitInfo) {
 // after a TaskOOM when the host's OOM killer killed the VMM (kata #4419: a
 // VMM killed for memory must not read as an ordinary exit).
 func (s *service) vmDied(b *box) {
+	b.stopHealth()
 	now := time.Now()
 	if b.sb.VM().OOMKilled() {
 		log.L.WithField("id", b.id).Warn("the host's OOM killer killed the vmm")

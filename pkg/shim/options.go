@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
@@ -19,6 +20,7 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
@@ -54,6 +56,8 @@ type vmOptions struct {
 	accel            vmm.Accel
 	kernel, initrd   string
 	bootTimeout      time.Duration
+	// health configures the box's health check.
+	health health.Options
 }
 
 // optionKeys maps runtime-option keys (containerd's runtime options file)
@@ -65,14 +69,30 @@ var optionKeys = map[string]string{
 	"kernel":       AnnotationKernel,
 	"initrd":       AnnotationInitrd,
 	"boot_timeout": AnnotationBootTimeout,
+
+	"health_disabled":     health.AnnotationDisabled,
+	"health_interval":     health.AnnotationInterval,
+	"health_timeout":      health.AnnotationTimeout,
+	"health_start_period": health.AnnotationStartPeriod,
+	"health_retries":      health.AnnotationRetries,
 }
+
+// optionNames lists the runtime-option keys, for errors.
+var optionNames = func() string {
+	names := make([]string, 0, len(optionKeys))
+	for k := range optionKeys {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ")
+}()
 
 // parseVMOptions returns the box's VM settings: the runtime's options from
 // containerd (defaults for every box of the runtime), overridden by the
 // spec's io.boxlite.* annotations. A bad value is an InvalidArgument error
 // naming the option or annotation.
 func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error) {
-	var o vmOptions
+	o := vmOptions{health: health.DefaultOptions()}
 	settings, err := decodeRuntimeOptions(runtimeOpts)
 	if err != nil {
 		return o, err
@@ -171,6 +191,9 @@ func (o *vmOptions) set(ann, v, what string) error {
 		o.kernel = v
 	case AnnotationInitrd:
 		o.initrd = v
+	case health.AnnotationDisabled, health.AnnotationInterval, health.AnnotationTimeout,
+		health.AnnotationStartPeriod, health.AnnotationRetries:
+		return o.health.Set(ann, v, what)
 	case AnnotationBootTimeout:
 		d, err := time.ParseDuration(v)
 		if err != nil || d <= 0 {
@@ -211,7 +234,7 @@ func decodeRuntimeOptions(a *anypb.Any) (map[string]string, error) {
 	out := map[string]string{}
 	for k, val := range raw {
 		if _, ok := optionKeys[k]; !ok {
-			return nil, fmt.Errorf("runtime options %s: unknown key %q (known: vcpus, memory_mib, accel, kernel, initrd, boot_timeout): %w", ro.ConfigPath, k, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("runtime options %s: unknown key %q (known: %s): %w", ro.ConfigPath, k, optionNames, errdefs.ErrInvalidArgument)
 		}
 		out[k] = fmt.Sprint(val)
 	}

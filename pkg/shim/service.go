@@ -166,6 +166,7 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	}
 	if r.ExecID == "" {
 		s.events.send(&eventstypes.TaskStart{ContainerID: b.id, Pid: b.vmmPid()})
+		s.startHealth(b)
 	} else {
 		s.events.send(&eventstypes.TaskExecStarted{ContainerID: b.id, ExecID: r.ExecID, Pid: b.vmmPid()})
 	}

@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/boxlite/boxlite/pkg/health"
 )
 
 func TestProcessTransitionsAreExplicit(t *testing.T) {
@@ -94,6 +96,9 @@ func TestParseVMOptions(t *testing.T) {
 					t.Fatalf("err = %v; want invalid argument naming %s", err, tt.bad)
 				}
 				return
+			}
+			if tt.want.health == (health.Options{}) {
+				tt.want.health = health.DefaultOptions()
 			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
@@ -192,13 +197,7 @@ func TestFileURIReceivesBothStreams(t *testing.T) {
 }
 
 func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
-	body := func(b string) *anypb.Any {
-		a, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(b)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return a
-	}
+	body := func(b string) *anypb.Any { return optionsBody(t, b) }
 	missing := filepath.Join(t.TempDir(), "missing.toml")
 	pathOpts, _ := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigPath: missing})
 	runcOpts, _ := typeurl.MarshalAnyToProto(&runcoptions.Options{BinaryName: "runc"})
@@ -227,6 +226,9 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 				}
 				return
 			}
+			if tt.want.health == (health.Options{}) {
+				tt.want.health = health.DefaultOptions()
+			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
 			}
@@ -237,13 +239,7 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 // A container's memory limit and CPU quota size its VM, never below the
 // default; the annotations still set exact sizes.
 func TestVMIsSizedToFitTheLimits(t *testing.T) {
-	body := func(b string) *anypb.Any {
-		a, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(b)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return a
-	}
+	body := func(b string) *anypb.Any { return optionsBody(t, b) }
 	res := func(mem int64, quota int64, period uint64) *specs.Linux {
 		r := &specs.LinuxResources{}
 		if mem != 0 {
@@ -276,9 +272,61 @@ func TestVMIsSizedToFitTheLimits(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := parseVMOptions(&specs.Spec{Linux: tt.linux, Annotations: tt.ann}, tt.opts)
+			if tt.want.health == (health.Options{}) {
+				tt.want.health = health.DefaultOptions()
+			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
 			}
 		})
 	}
+}
+
+// Health settings come from the runtime options and the annotations like
+// the VM's; custom values travel intact, a bad one is an error naming it.
+func TestHealthOptions(t *testing.T) {
+	body := func(b string) *anypb.Any { return optionsBody(t, b) }
+	custom := health.DefaultOptions()
+	custom.Interval, custom.Retries = 5*time.Second, 7
+	off := health.DefaultOptions()
+	off.Disabled = true
+	tests := []struct {
+		name string
+		opts *anypb.Any
+		ann  map[string]string
+		want health.Options
+		bad  string
+	}{
+		{"defaults", nil, nil, health.DefaultOptions(), ""},
+		{"annotations", nil, map[string]string{health.AnnotationInterval: "5s", health.AnnotationRetries: "7"}, custom, ""},
+		{"runtime options", body("health_interval = \"5s\"\nhealth_retries = 7"), nil, custom, ""},
+		{"disabled by annotation", nil, map[string]string{health.AnnotationDisabled: "true"}, off, ""},
+		{"false is the default", nil, map[string]string{health.AnnotationDisabled: "false"}, health.DefaultOptions(), ""},
+		{"annotation re-enables", body("health_disabled = true"), map[string]string{health.AnnotationDisabled: "false"}, health.DefaultOptions(), ""},
+		{"bad interval", nil, map[string]string{health.AnnotationInterval: "often"}, health.Options{}, health.AnnotationInterval},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVMOptions(&specs.Spec{Annotations: tt.ann}, tt.opts)
+			if tt.bad != "" {
+				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tt.bad) {
+					t.Fatalf("err = %v; want invalid argument naming %q", err, tt.bad)
+				}
+				return
+			}
+			if err != nil || got.health != tt.want {
+				t.Fatalf("got %+v, %v; want %+v", got.health, err, tt.want)
+			}
+		})
+	}
+}
+
+// optionsBody is runtime options holding the TOML body b.
+func optionsBody(t *testing.T, b string) *anypb.Any {
+	t.Helper()
+	a, err := typeurl.MarshalAnyToProto(&runtimeoptions.Options{ConfigBody: []byte(b)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }
