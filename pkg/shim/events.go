@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
@@ -20,27 +21,78 @@ import (
 const exitStatusVMDied = 137
 
 // publisher sends events to containerd one at a time, in the order they were
-// queued. The queue is unbounded so no producer ever blocks or drops.
+// queued. The queue is unbounded, so send never blocks (it is called under
+// locks) and never drops; a containerd that stops taking events only makes
+// the queue grow until close gives up.
 type publisher struct {
 	// ns is the namespace events are published in.
-	ns    string
-	pub   shim.Publisher
-	queue chan any
-	done  chan struct{}
+	ns  string
+	pub shim.Publisher
+	// wake has a token when the queue may be non-empty or closed.
+	wake chan struct{}
+	done chan struct{}
+
+	// mu guards queue and closed.
+	mu sync.Mutex
+	// queue holds the events not yet published, oldest first. Guarded by mu.
+	queue []any
+	// closed says close was called. Guarded by mu.
+	closed bool
 }
 
 func newPublisher(ns string, pub shim.Publisher) *publisher {
-	p := &publisher{ns: ns, pub: pub, queue: make(chan any, 128), done: make(chan struct{})}
+	p := &publisher{ns: ns, pub: pub, wake: make(chan struct{}, 1), done: make(chan struct{})}
 	go p.run()
 	return p
 }
 
-// send queues an event.
-func (p *publisher) send(evt any) { p.queue <- evt }
+// send queues an event. It never blocks.
+func (p *publisher) send(evt any) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		log.L.WithField("topic", topicOf(evt)).Warn("event sent after the publisher closed: dropped")
+		return
+	}
+	p.queue = append(p.queue, evt)
+	p.mu.Unlock()
+	p.signal()
+}
+
+func (p *publisher) signal() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// next waits for the oldest queued event; ok is false once the queue is
+// empty and closed.
+func (p *publisher) next() (evt any, ok bool) {
+	for {
+		p.mu.Lock()
+		if len(p.queue) > 0 {
+			evt, p.queue[0] = p.queue[0], nil
+			p.queue = p.queue[1:]
+			p.mu.Unlock()
+			return evt, true
+		}
+		closed := p.closed
+		p.mu.Unlock()
+		if closed {
+			return nil, false
+		}
+		<-p.wake
+	}
+}
 
 func (p *publisher) run() {
 	defer close(p.done)
-	for evt := range p.queue {
+	for {
+		evt, ok := p.next()
+		if !ok {
+			return
+		}
 		topic := topicOf(evt)
 		ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), p.ns), 10*time.Second)
 		if err := p.pub.Publish(ctx, topic, evt); err != nil {
@@ -52,7 +104,10 @@ func (p *publisher) run() {
 
 // close flushes queued events and closes the publisher, bounded.
 func (p *publisher) close() {
-	close(p.queue)
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.signal()
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
 	select {
