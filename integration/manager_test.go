@@ -626,6 +626,13 @@ func TestManagerHealthCheckIsOnByDefaultAndCanBeTurnedOff(t *testing.T) {
 		t.Errorf("exit event %q, want 137", f)
 	}
 	waitGone(t, "VMM", vmm)
+	// ps: HEALTH is the running box's, and none for a stopped one.
+	if row := m.psRow(on); row == nil || row[6] != "starting" {
+		t.Errorf("ps row of the checked box %q, want HEALTH starting", row)
+	}
+	if row := m.psRow(off); row == nil || row[2] != "stopped" || row[5] != "-" || row[6] != "-" {
+		t.Errorf("ps row of the stopped box %q, want no VMM-PID and HEALTH -", row)
+	}
 	m.ok("rm", off)
 	m.ok("rm", "--force", on)
 }

@@ -48,12 +48,13 @@ func printTable(env *cliEnv, recs []manager.Record) {
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "ID\tNAME\tSTATUS\tEXIT\tSHIM-PID\tVMM-PID\tHEALTH\tCOMMAND")
 	for _, r := range recs {
-		exit := "-"
+		exit, health := "-", dash(r.Health)
 		if r.Status == manager.StatusStopped {
-			exit = strconv.FormatUint(uint64(r.ExitStatus), 10)
+			// A stopped box has no health; inspect keeps the last one.
+			exit, health = strconv.FormatUint(uint64(r.ExitStatus), 10), "-"
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.ID, dash(r.Name), r.Status, exit,
-			pid(r.ShimPid), pid(r.VMMPid), dash(r.Health), clipCommand(r.Command))
+			pid(r.ShimPid), pid(r.VMMPid), health, clipCommand(r.Command))
 	}
 	w.Flush()
 }

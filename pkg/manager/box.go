@@ -179,6 +179,10 @@ func (b *Box) syncState(ctx context.Context) error {
 		if vmmKnown && !vmmDead {
 			r.VMMPid, r.VMMStartTime = vmm.Pid, vmm.StartTime
 		}
+		if vmmDead {
+			// Not a pid to show or signal any more.
+			r.VMMPid, r.VMMStartTime = 0, 0
+		}
 		if herr == nil {
 			r.Health = string(hs.Status)
 		}
