@@ -69,20 +69,21 @@ func (r *Reaper) Reap(pid int, deadline time.Time) (Outcome, Exit, error) {
 }
 
 // reapedBefore reports the exit of pid, which is no longer in the process
-// table: Reaped with its status if the loop reaped it recently (delivered to
-// a handle, or stored as an orphan), NotOurChild otherwise.
+// table: Reaped with its status if the loop reaped it recently (an orphan's
+// exit is taken, one delivered to a handle stays for the handle's owner),
+// NotOurChild otherwise.
 func (r *Reaper) reapedBefore(pid int) (Outcome, Exit, error) {
-	if p, ok := r.recentlyFinished(pid); ok {
-		e, _ := p.Exit()
-		return Reaped, e, nil
-	}
 	r.mu.Lock()
-	e, ok := r.takeOrphanLocked(pid, time.Now().Add(-orphanTTL))
-	r.mu.Unlock()
-	if ok {
-		return Reaped, e, nil
+	defer r.mu.Unlock()
+	i := r.recentLocked(pid, time.Now().Add(-orphanTTL))
+	if i < 0 {
+		return NotOurChild, Exit{}, nil
 	}
-	return NotOurChild, Exit{}, nil
+	e := r.recent[i]
+	if !e.delivered {
+		r.recent = append(r.recent[:i], r.recent[i+1:]...)
+	}
+	return Reaped, e.Exit, nil
 }
 
 func waitDone(p *Process, deadline time.Time) (Outcome, Exit, error) {

@@ -36,9 +36,9 @@ func (e Exit) String() string {
 	return fmt.Sprintf("pid %d exited with status %d", e.Pid, e.Status)
 }
 
-// Bounds of the store of exits nobody registered for (orphans reparented to
-// us). Claim finds an exit there for up to orphanTTL; the oldest entries are
-// evicted first past maxOrphans.
+// Bounds of the store of recent exits: Claim finds an exit nobody registered
+// for (an orphan reparented to us) there, and Reap by pid any recent exit,
+// for up to orphanTTL; the oldest entries are evicted first past maxOrphans.
 const (
 	maxOrphans = 4096
 	orphanTTL  = 10 * time.Minute
@@ -46,17 +46,15 @@ const (
 
 // Reaper is the process-wide owner of wait. Use Default.
 type Reaper struct {
-	// mu guards waiting, orphans, finished.
+	// mu guards waiting, recent.
 	mu sync.Mutex
 	// waiting maps a pid to the handle that receives its exit. Guarded by mu.
 	waiting map[int]*Process
-	// orphans are exits that were reaped before anyone registered their
-	// pid, oldest first. Guarded by mu.
-	orphans []Exit
-	// finished are handles whose exit was delivered, oldest first, kept
-	// (bounded like orphans) so that Reap by pid still reports an exit
-	// the loop delivered just before Reap looked. Guarded by mu.
-	finished []*Process
+	// recent are the exits the loop reaped, oldest first: orphans (nobody
+	// had registered the pid; Claim can take them) and exits delivered to
+	// a handle (kept so that Reap by pid still reports one delivered just
+	// before it looked). Guarded by mu.
+	recent []recentExit
 
 	// reaped counts reaped processes; tests and benchmarks read it.
 	reaped uint64
@@ -122,87 +120,73 @@ func exitFromStatus(pid int, ws unix.WaitStatus) Exit {
 	return e
 }
 
+// recentExit is an exit in the recent store.
+type recentExit struct {
+	Exit
+	// delivered says a registered handle received it; otherwise it is an
+	// orphan's, which Claim may take.
+	delivered bool
+}
+
 // deliver hands an exit to its registered handle, or stores it as an orphan.
+// Either way it is kept in the recent store.
 func (r *Reaper) deliver(e Exit) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.reaped++
 	p, ok := r.waiting[e.Pid]
+	r.storeRecentLocked(e, ok)
 	if ok {
 		delete(r.waiting, e.Pid)
-		// Finished before it is stored, so Reap never sees it without
-		// its exit.
 		p.finish(e)
-		r.storeFinishedLocked(p, e.Time)
-		r.mu.Unlock()
 		return
 	}
-	r.storeOrphanLocked(e)
-	r.mu.Unlock()
 	log.L.WithField("pid", e.Pid).WithField("status", e.Status).Debug("reaped unregistered child")
 }
 
-func (r *Reaper) storeOrphanLocked(e Exit) {
+func (r *Reaper) storeRecentLocked(e Exit, delivered bool) {
 	// Drop expired entries from the front (they are in exit order).
 	cut := 0
-	for cut < len(r.orphans) && e.Time.Sub(r.orphans[cut].Time) > orphanTTL {
+	for cut < len(r.recent) && e.Time.Sub(r.recent[cut].Time) > orphanTTL {
 		cut++
 	}
-	if len(r.orphans)-cut >= maxOrphans {
-		evicted := r.orphans[cut]
-		cut++
-		log.L.WithField("pid", evicted.Pid).Warn("reaper: evicting unclaimed exit")
-	}
-	if cut > 0 {
-		r.orphans = append(r.orphans[:0], r.orphans[cut:]...)
-	}
-	r.orphans = append(r.orphans, e)
-}
-
-// storeFinishedLocked remembers p, whose exit at t is being delivered,
-// dropping entries older than orphanTTL and the oldest past maxOrphans.
-func (r *Reaper) storeFinishedLocked(p *Process, t time.Time) {
-	cut := 0
-	for cut < len(r.finished) && t.Sub(r.finished[cut].exitTime()) > orphanTTL {
-		cut++
-	}
-	if len(r.finished)-cut >= maxOrphans {
+	if len(r.recent)-cut >= maxOrphans {
+		if evicted := r.recent[cut]; !evicted.delivered {
+			log.L.WithField("pid", evicted.Pid).Warn("reaper: evicting unclaimed exit")
+		}
 		cut++
 	}
 	if cut > 0 {
-		r.finished = append(r.finished[:0], r.finished[cut:]...)
+		r.recent = append(r.recent[:0], r.recent[cut:]...)
 	}
-	r.finished = append(r.finished, p)
+	r.recent = append(r.recent, recentExit{Exit: e, delivered: delivered})
 }
 
-// recentlyFinished returns the newest handle of pid whose exit was
-// delivered within orphanTTL, if any.
-func (r *Reaper) recentlyFinished(pid int) (*Process, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	since := time.Now().Add(-orphanTTL)
-	for i := len(r.finished) - 1; i >= 0; i-- {
-		if p := r.finished[i]; p.pid == pid {
-			return p, !p.exitTime().Before(since)
+// recentLocked returns the index of the newest stored exit of pid that
+// happened at or after since, or -1.
+func (r *Reaper) recentLocked(pid int, since time.Time) int {
+	for i := len(r.recent) - 1; i >= 0; i-- {
+		if e := r.recent[i]; e.Pid == pid {
+			if e.Time.Before(since) {
+				return -1
+			}
+			return i
 		}
 	}
-	return nil, false
+	return -1
 }
 
 // takeOrphanLocked removes and returns the newest stored exit of pid that
-// happened at or after since.
+// happened at or after since, if it is an orphan's (one delivered to a
+// handle is not anyone else's to claim).
 func (r *Reaper) takeOrphanLocked(pid int, since time.Time) (Exit, bool) {
-	for i := len(r.orphans) - 1; i >= 0; i-- {
-		e := r.orphans[i]
-		if e.Pid != pid {
-			continue
-		}
-		if e.Time.Before(since) {
-			return Exit{}, false
-		}
-		r.orphans = append(r.orphans[:i], r.orphans[i+1:]...)
-		return e, true
+	i := r.recentLocked(pid, since)
+	if i < 0 || r.recent[i].delivered {
+		return Exit{}, false
 	}
-	return Exit{}, false
+	e := r.recent[i].Exit
+	r.recent = append(r.recent[:i], r.recent[i+1:]...)
+	return e, true
 }
 
 // Start starts cmd and registers it before it can exit, so its exit is
@@ -306,13 +290,6 @@ func (p *Process) finish(e Exit) {
 		// may wait on a pipe a grandchild still holds.
 		go p.join()
 	}
-}
-
-// exitTime returns when the exit was reaped; zero before.
-func (p *Process) exitTime() time.Time {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.exit.Time
 }
 
 // Pid returns the process id.

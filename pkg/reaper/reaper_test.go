@@ -170,7 +170,7 @@ func TestClaimIgnoresExitsOlderThanSince(t *testing.T) {
 	r := Default()
 	// Simulate an orphan exit of this pid from before "since".
 	r.mu.Lock()
-	r.storeOrphanLocked(Exit{Pid: p.Pid(), Status: 9, Time: time.Now().Add(-time.Minute)})
+	r.storeRecentLocked(Exit{Pid: p.Pid(), Status: 9, Time: time.Now().Add(-time.Minute)}, false)
 	r.mu.Unlock()
 	c := r.Claim(p.Pid(), time.Now().Add(-time.Second))
 	defer r.Release(c)
@@ -392,13 +392,13 @@ func TestOrphanStoreIsBounded(t *testing.T) {
 	for i := 0; i < maxOrphans+10; i++ {
 		r.deliver(Exit{Pid: 1_000_000 + i, Time: now})
 	}
-	if len(r.orphans) != maxOrphans {
-		t.Fatalf("%d orphans stored, want %d", len(r.orphans), maxOrphans)
+	if len(r.recent) != maxOrphans {
+		t.Fatalf("%d orphans stored, want %d", len(r.recent), maxOrphans)
 	}
 	// Expired entries are dropped when new ones arrive.
 	r.deliver(Exit{Pid: 1, Time: now.Add(orphanTTL + time.Second)})
-	if len(r.orphans) != 1 {
-		t.Fatalf("%d orphans after expiry, want 1", len(r.orphans))
+	if len(r.recent) != 1 {
+		t.Fatalf("%d orphans after expiry, want 1", len(r.recent))
 	}
 }
 
@@ -520,7 +520,7 @@ func TestStatReadAfterReapIsNotFound(t *testing.T) {
 // TestReapTimesOutOnProcessIgnoringSIGTERMThenReapsAfterSIGKILL failed
 // this way once in 10 -race runs (SIGKILL, then Reap after the loop had
 // already delivered). Verified two-sided: with deliver not storing the
-// finished handle, this fails with "not our child".
+// delivered exit, this fails with "not our child".
 func TestReapAfterDeliveryReportsTheExit(t *testing.T) {
 	p := start(t, "sh", "-c", "exit 5")
 	waitExit(t, p)
