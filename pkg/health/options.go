@@ -28,9 +28,6 @@ const (
 	AnnotationRetries     = "io.boxlite.health.retries"
 )
 
-// Annotations lists every health annotation.
-var Annotations = []string{AnnotationDisabled, AnnotationInterval, AnnotationTimeout, AnnotationStartPeriod, AnnotationRetries}
-
 // Options configure one box's health check.
 type Options struct {
 	// Disabled turns the check off. Reaping and exit reporting do not
@@ -89,12 +86,4 @@ func (o *Options) Set(key, value, what string) error {
 		return fmt.Errorf("%s: unknown health setting: %w", what, errdefs.ErrInvalidArgument)
 	}
 	return err
-}
-
-// String describes o for logs and inspect output.
-func (o Options) String() string {
-	if o.Disabled {
-		return "disabled"
-	}
-	return fmt.Sprintf("interval %v, timeout %v, start period %v, retries %d", o.Interval, o.Timeout, o.StartPeriod, o.Retries)
 }

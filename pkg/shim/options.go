@@ -1,24 +1,23 @@
 package shim
 
 import (
+	"cmp"
 	"crypto/sha256"
-	"os"
-	"sort"
-
 	"encoding/hex"
 	"fmt"
+	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/pelletier/go-toml/v2"
 	"google.golang.org/protobuf/types/known/anypb"
-
-	"github.com/containerd/errdefs"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/vmm"
@@ -113,15 +112,15 @@ func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error)
 	return o, nil
 }
 
-// GuestOverheadMiB is the memory the guest kernel and agent need above a
+// guestOverheadMiB is the memory the guest kernel and agent need above a
 // container's memory limit.
-const GuestOverheadMiB = 64
+const guestOverheadMiB = 64
 
 // maxVCPUs is the most vCPUs a VM gets.
 const maxVCPUs = 64
 
 // fitResources grows the VM so the container's limits can be reached
-// inside it, as Kata does: memory to the limit plus GuestOverheadMiB, vCPUs
+// inside it, as Kata does: memory to the limit plus guestOverheadMiB, vCPUs
 // to the CPU quota rounded up. A VM is never made smaller than its default
 // (the runtime option, else pkg/vmm's), and the io.boxlite.vcpus and
 // io.boxlite.memory_mib annotations, applied after, still set exact sizes.
@@ -134,21 +133,14 @@ func (o *vmOptions) fitResources(spec *specs.Spec) {
 	res := spec.Linux.Resources
 	if m := res.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
 		limitMiB := (*m.Limit + (1 << 20) - 1) >> 20
-		def := int64(o.memoryMiB)
-		if def == 0 {
-			def = vmm.DefaultMemoryMiB
-		}
-		if need := limitMiB + GuestOverheadMiB; need > def && need <= 1<<20 {
+		def := int64(cmp.Or(o.memoryMiB, vmm.DefaultMemoryMiB))
+		if need := limitMiB + guestOverheadMiB; need > def && need <= 1<<20 {
 			o.memoryMiB = int(need)
 		}
 	}
 	if c := res.CPU; c != nil && c.Quota != nil && *c.Quota > 0 && c.Period != nil && *c.Period > 0 {
 		need := int((uint64(*c.Quota) + *c.Period - 1) / *c.Period)
-		def := o.vcpus
-		if def == 0 {
-			def = vmm.DefaultVCPUs
-		}
-		if need > def {
+		if need > cmp.Or(o.vcpus, vmm.DefaultVCPUs) {
 			o.vcpus = min(need, maxVCPUs)
 		}
 	}

@@ -259,10 +259,10 @@ func TestVMIsSizedToFitTheLimits(t *testing.T) {
 	}{
 		{"no limits", nil, nil, nil, vmOptions{}},
 		{"limit fits the default VM", res(128<<20, 0, 0), nil, nil, vmOptions{}},
-		{"1 GiB limit", res(1<<30, 0, 0), nil, nil, vmOptions{memoryMiB: 1024 + GuestOverheadMiB}},
-		{"unaligned limit rounds up", res(500_000_000, 0, 0), nil, nil, vmOptions{memoryMiB: 477 + GuestOverheadMiB}},
+		{"1 GiB limit", res(1<<30, 0, 0), nil, nil, vmOptions{memoryMiB: 1024 + guestOverheadMiB}},
+		{"unaligned limit rounds up", res(500_000_000, 0, 0), nil, nil, vmOptions{memoryMiB: 477 + guestOverheadMiB}},
 		{"runtime default is bigger", res(300<<20, 0, 0), body("memory_mib = 1024"), nil, vmOptions{memoryMiB: 1024}},
-		{"runtime default is smaller", res(300<<20, 0, 0), body("memory_mib = 128"), nil, vmOptions{memoryMiB: 300 + GuestOverheadMiB}},
+		{"runtime default is smaller", res(300<<20, 0, 0), body("memory_mib = 128"), nil, vmOptions{memoryMiB: 300 + guestOverheadMiB}},
 		{"1.5 cpus", res(0, 150000, 100000), nil, nil, vmOptions{vcpus: 2}},
 		{"half a cpu", res(0, 50000, 100000), nil, nil, vmOptions{}},
 		{"quota capped", res(0, 1000*100000, 100000), nil, nil, vmOptions{vcpus: 64}},
