@@ -1,0 +1,115 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// memCgroup is a host memory cgroup made for one test.
+type memCgroup struct {
+	dir string
+	// usage and limit are the file names of the version in use.
+	usage, limit string
+}
+
+// newMemCgroup makes a memory cgroup under the test process's own (cgroup
+// v1 memory controller, or v2 with memory enabled for children), removed at
+// cleanup after moving anything left in it back to the parent.
+func newMemCgroup(t *testing.T) *memCgroup {
+	t.Helper()
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cg memCgroup
+	var parent string
+	for _, line := range strings.Split(string(self), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		if parts[1] == "memory" {
+			parent = filepath.Join("/sys/fs/cgroup/memory", parts[2])
+			cg.usage, cg.limit = "memory.usage_in_bytes", "memory.limit_in_bytes"
+			break
+		}
+		if parts[0] == "0" && parts[1] == "" {
+			parent = filepath.Join("/sys/fs/cgroup", parts[2])
+			cg.usage, cg.limit = "memory.current", "memory.max"
+		}
+	}
+	cg.dir = filepath.Join(parent, fmt.Sprintf("boxlite-test-%d", os.Getpid()))
+	if err := os.Mkdir(cg.dir, 0o755); err != nil {
+		t.Skipf("cannot make a memory cgroup under %s (run as root on a host with the memory controller): %v", parent, err)
+	}
+	if _, err := os.Stat(filepath.Join(cg.dir, cg.limit)); err != nil {
+		os.Remove(cg.dir)
+		t.Skipf("no memory controller in %s (enable it in the parent's cgroup.subtree_control): %v", cg.dir, err)
+	}
+	t.Cleanup(func() {
+		procs, _ := os.ReadFile(filepath.Join(cg.dir, "cgroup.procs"))
+		for _, pid := range strings.Fields(string(procs)) {
+			os.WriteFile(filepath.Join(parent, "cgroup.procs"), []byte(pid), 0o644)
+		}
+		if err := os.Remove(cg.dir); err != nil {
+			t.Errorf("remove test cgroup: %v", err)
+		}
+	})
+	return &cg
+}
+
+func (cg *memCgroup) read(t *testing.T, name string) int64 {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(cg.dir, name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return n
+}
+
+// TestManagerHostOOMKillOfTheVMMIsReportedAsOOM: when the host's OOM killer
+// kills the VMM (its memory cgroup is full), the box reports an OOM event
+// and then exit 137, and inspect says OOMKilled (kata #4419 reported such a
+// death as exit 0). Verified two-sided: without the shim's OOM-count check
+// the exit 137 comes with no /tasks/oom and the test fails.
+func TestManagerHostOOMKillOfTheVMMIsReportedAsOOM(t *testing.T) {
+	m := newMgr(t)
+	cg := newMemCgroup(t)
+	// The manager, so the shim and the VMM it starts, run in the cgroup.
+	wrapper := filepath.Join(t.TempDir(), "boxlite-in-cgroup")
+	script := fmt.Sprintf("#!/bin/sh\necho $$ > %s/cgroup.procs || exit 99\nexec %s \"$@\"\n", cg.dir, boxliteBin)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m.binary = wrapper
+	id := m.runD("--", "sleep", "1000")
+	m.binary = boxliteBin
+	lines := m.events()
+	_, vmm := m.pids(id)
+	// Room for 24 MiB more, then the box writes 60 MiB to its /dev/shm.
+	limit := cg.read(t, cg.usage) + 24<<20
+	if err := os.WriteFile(filepath.Join(cg.dir, cg.limit), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := m.run(nil, "exec", id, "--", "sh", "-c", "dd if=/dev/zero of=/dev/shm/x bs=1M count=60")
+	if r.code == 0 {
+		t.Fatalf("exec that outgrew the VMM's cgroup succeeded: %v", r)
+	}
+	waitEvent(t, lines, "/tasks/oom", id)
+	if f := waitEvent(t, lines, "/tasks/exit", id); f[len(f)-1] != "137" {
+		t.Errorf("exit event %q, want status 137", f)
+	}
+	waitGone(t, "VMM", vmm)
+	if got := m.inspect(id, "{{.Status}} {{.ExitStatus}} {{.OOMKilled}}"); got != "stopped 137 true" {
+		t.Errorf("record after the host OOM kill: %q, want stopped 137 true", got)
+	}
+	m.ok("rm", id)
+}
