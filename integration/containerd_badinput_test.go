@@ -85,6 +85,16 @@ func TestContainerdSpecTheGuestCannotRunFailsCleanly(t *testing.T) {
 	}
 }
 
+// plainOptions are the runtime options of a container of runtime rt that
+// needs nothing special: runc's state under the test's directory; none for
+// boxlite.
+func (c *containerd) plainOptions(rt string) any {
+	if rt == runcRuntime {
+		return &runcoptions.Options{Root: filepath.Join(c.dir, "runc")}
+	}
+	return nil
+}
+
 // newContainer creates a container of testImage running args with the Go
 // client, for what ctr cannot express.
 func (c *containerd) newContainer(t testing.TB, id, runtime string, runtimeOpts any, args ...string) client.Container {
@@ -190,11 +200,7 @@ func TestContainerdKillOfACreatedTaskReportsItsExit(t *testing.T) {
 		t.Run(shortRuntime(rt), func(t *testing.T) {
 			id := c.newID(t, shortRuntime(rt))
 			ctx := nsCtx(context.Background())
-			var opts any
-			if rt == runcRuntime {
-				opts = &runcoptions.Options{Root: filepath.Join(c.dir, "runc")}
-			}
-			ctr := c.newContainer(t, id, rt, opts, "sleep", "1000")
+			ctr := c.newContainer(t, id, rt, c.plainOptions(rt), "sleep", "1000")
 			defer ctr.Delete(ctx, client.WithSnapshotCleanup)
 			task, err := ctr.NewTask(ctx, cio.NullIO)
 			if err != nil {
@@ -231,11 +237,7 @@ func TestContainerdRootfsMountFailureFailsCleanly(t *testing.T) {
 		t.Run(shortRuntime(rt), func(t *testing.T) {
 			id := c.newID(t, shortRuntime(rt))
 			ctx := nsCtx(context.Background())
-			var opts any
-			if rt == runcRuntime {
-				opts = &runcoptions.Options{Root: filepath.Join(c.dir, "runc")}
-			}
-			ctr := c.newContainer(t, id, rt, opts, "true")
+			ctr := c.newContainer(t, id, rt, c.plainOptions(rt), "true")
 			defer ctr.Delete(ctx, client.WithSnapshotCleanup)
 			bad := []mount.Mount{{Type: "boxlite-no-such-fs", Source: "none", Options: []string{"ro"}}}
 			task, err := ctr.NewTask(ctx, cio.NullIO, client.WithRootFS(bad))
