@@ -91,12 +91,8 @@ func TestReadStdioOffsets(t *testing.T) {
 
 func TestReadWaitsForDataUntilItArrives(t *testing.T) {
 	checkLeaks(t)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, w := pipeStream(t)
 	defer w.Close()
-	s := newOutStream(r, outBufferSize)
 	defer s.Close()
 
 	got := make(chan string, 1)
@@ -123,12 +119,8 @@ func TestReadWaitsForDataUntilItArrives(t *testing.T) {
 
 func TestReadReturnsEmptyWhenWaitExpires(t *testing.T) {
 	checkLeaks(t)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, w := pipeStream(t)
 	defer w.Close()
-	s := newOutStream(r, outBufferSize)
 	defer s.Close()
 	data, eof, err := s.Read(context.Background(), 0, 0, time.Millisecond)
 	if err != nil || len(data) != 0 || eof {
@@ -137,12 +129,8 @@ func TestReadReturnsEmptyWhenWaitExpires(t *testing.T) {
 }
 
 func TestReadReturnsWhenCallerGivesUp(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, w := pipeStream(t)
 	defer w.Close()
-	s := newOutStream(r, outBufferSize)
 	defer s.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -154,11 +142,7 @@ func TestReadReturnsWhenCallerGivesUp(t *testing.T) {
 
 func TestEOFIsReportedAfterWriterCloses(t *testing.T) {
 	checkLeaks(t)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := newOutStream(r, outBufferSize)
+	s, w := pipeStream(t)
 	defer s.Close()
 	w.Write([]byte("bye"))
 	w.Close()
@@ -264,12 +248,8 @@ func TestFullBufferBlocksTheWriter(t *testing.T) {
 
 func TestCloseStopsThePumpAndPendingReaders(t *testing.T) {
 	checkLeaks(t)
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, w := pipeStream(t)
 	defer w.Close()
-	s := newOutStream(r, outBufferSize)
 	got := make(chan bool, 1)
 	go func() {
 		_, eof, _ := s.Read(context.Background(), 0, 0, testTimeout)
@@ -298,4 +278,15 @@ func TestStreamWithoutPipeIsEmptyAtEOF(t *testing.T) {
 	if _, _, err := s.Read(context.Background(), 1, 0, 0); !errdefs.IsInvalidArgument(err) {
 		t.Fatalf("offset 1 of an empty stream: err = %v, want invalid argument", err)
 	}
+}
+
+// pipeStream returns an output stream reading a new pipe, and the pipe's
+// write end.
+func pipeStream(t *testing.T) (*outStream, *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newOutStream(r, outBufferSize), w
 }
