@@ -77,6 +77,12 @@ func newClient(conn net.Conn) *Client {
 	c := &Client{guard: g, done: make(chan struct{})}
 	c.tc = ttrpc.NewClient(g,
 		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {
+			// A call whose ctx is already done is not sent: ttrpc would
+			// send it, and its select may still pick the reply over
+			// ctx.Done (a cancelled CopyInput wrote data that way).
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			// A call failed by a protocol violation reports it, not ttrpc.ErrClosed.
 			return c.classify(deadlineInterceptor(ctx, req, resp, info, invoke))
 		}),

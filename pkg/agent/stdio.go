@@ -55,12 +55,6 @@ func (c *Client) CopyInput(ctx context.Context, id, execID string, r io.Reader) 
 	for {
 		n, rerr := r.Read(buf)
 		for written := 0; written < n; {
-			// ttrpc may still complete a call whose ctx is already done
-			// (its select picks at random), so a cancelled caller is
-			// checked here, not left to the call.
-			if err := ctx.Err(); err != nil {
-				return int64(off), err
-			}
 			resp, err := c.WriteStdin(ctx, &api.WriteStdinRequest{
 				Id: id, ExecId: execID, Offset: off, Data: buf[written:n],
 			})
