@@ -115,6 +115,10 @@ uninstall: ## Remove what make install installed.
 containerd: ## Build containerd, ctr and the runc shim (v2.4.2) for the tests, cached in /var/cache/boxlite/containerd.
 	@bash scripts/build-containerd.sh
 
+.PHONY: nerdctl
+nerdctl: ## Build nerdctl (v2.2.2) for the tests, cached in /var/cache/boxlite/nerdctl.
+	@bash scripts/build-nerdctl.sh
+
 .PHONY: oci-image
 oci-image: ## Build the offline busybox OCI image tarball, cached in /var/cache/boxlite/images.
 	@bash scripts/oci-image.sh

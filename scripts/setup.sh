@@ -11,6 +11,9 @@ PACKAGES=(
 	linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils cpio kmod
 	# tooling used by the scripts and tests
 	iproute2 procps psmisc util-linux ca-certificates git make
+	# networking: CNI plugins (bridge, host-local, portmap) for nerdctl and
+	# CRI, iptables for the bridge and portmap plugins, iperf3 for make bench
+	containernetworking-plugins iptables iperf3
 )
 
 missing=()
