@@ -1,0 +1,469 @@
+package network
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/pkg/netns"
+)
+
+// testTimeout bounds every wait of these tests.
+const testTimeout = 10 * time.Second
+
+// requireRoot skips the test unless it may create network namespaces,
+// veths and taps.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: run as root")
+	}
+}
+
+// waitFor polls cond until it returns nil, and fails the test with its last
+// error if that does not happen within testTimeout.
+func waitFor(t *testing.T, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(testTimeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v: %v", what, testTimeout, err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// checkNoFDLeak fails the test if it ends with more descriptors open than
+// it began with: every netlink socket, namespace and tap file it (or the
+// code under test) opened must be closed.
+func checkNoFDLeak(t *testing.T) {
+	t.Helper()
+	// The netpoller's descriptors are made on first use: make them now.
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	w.Close()
+	before := countFDs(t)
+	t.Cleanup(func() {
+		deadline := time.Now().Add(testTimeout)
+		for {
+			n := countFDs(t)
+			if n <= before {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("leak: %d descriptors open, %d before the test", n, before)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+}
+
+func countFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
+// testNS returns a new network namespace. When the test ends it is closed
+// and the test fails if a descriptor or thread of this process still
+// refers to it (the kernel then destroys it with its links).
+func testNS(t *testing.T) *os.File {
+	t.Helper()
+	ns, err := netns.New()
+	if err != nil {
+		t.Fatalf("new network namespace: %v", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ns.Close()
+		waitFor(t, "release the test namespace", func() error {
+			if refs := nsRefs(st.Dev, st.Ino); len(refs) > 0 {
+				return fmt.Errorf("namespace net:[%d] still referred to by %v", st.Ino, refs)
+			}
+			return nil
+		})
+	})
+	return ns
+}
+
+// nsRefs lists the thread namespaces and descriptors of this process that
+// are the namespace (dev, ino).
+func nsRefs(dev, ino uint64) []string {
+	paths, _ := filepath.Glob("/proc/self/task/*/ns/net")
+	fds, _ := filepath.Glob("/proc/self/fd/*")
+	var refs []string
+	for _, p := range append(paths, fds...) {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil && st.Dev == dev && st.Ino == ino {
+			refs = append(refs, p)
+		}
+	}
+	return refs
+}
+
+// testHandle returns a netlink handle whose sockets are in ns, closed when
+// the test ends (before ns).
+func testHandle(t *testing.T, ns *os.File) *netlink.Handle {
+	t.Helper()
+	var h *netlink.Handle
+	err := netns.Do(ns, func() error {
+		var err error
+		h, err = netlink.NewHandle()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("netlink handle in %s: %v", ns.Name(), err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
+
+// testNet is two namespaces joined by a veth: eth0 in a (the box's
+// namespace, as a CNI plugin leaves it) and peer0 in b (the network
+// beyond), both up.
+type testNet struct {
+	a, b   *os.File
+	ha, hb *netlink.Handle
+}
+
+func newTestNet(t *testing.T) *testNet {
+	t.Helper()
+	requireRoot(t)
+	n := &testNet{a: testNS(t), b: testNS(t)}
+	n.ha, n.hb = testHandle(t, n.a), testHandle(t, n.b)
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: "eth0"},
+		PeerName:      "peer0",
+		PeerNamespace: netlink.NsFd(int(n.b.Fd())),
+	}
+	if err := n.ha.LinkAdd(veth); err != nil {
+		t.Fatalf("add veth eth0/peer0: %v", err)
+	}
+	if err := n.ha.LinkSetUp(n.link(t, n.ha, "eth0")); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.hb.LinkSetUp(n.link(t, n.hb, "peer0")); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// link returns the current state of the interface name seen through h.
+func (n *testNet) link(t *testing.T, h *netlink.Handle, name string) netlink.Link {
+	t.Helper()
+	l, err := h.LinkByName(name)
+	if err != nil {
+		t.Fatalf("interface %s: %v", name, err)
+	}
+	return l
+}
+
+// addLink adds an interface name to the namespace of n.ha that is none of
+// eth0's business: a veth whose peer, "p" + name, is put in n.b and left
+// down. The kernel has no dummy driver.
+func (n *testNet) addLink(t *testing.T, name string, up bool) netlink.Link {
+	t.Helper()
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: name},
+		PeerName:      "p" + name,
+		PeerNamespace: netlink.NsFd(int(n.b.Fd())),
+	}
+	if err := n.ha.LinkAdd(veth); err != nil {
+		t.Fatalf("add veth %s: %v", name, err)
+	}
+	l := n.link(t, n.ha, name)
+	if up {
+		if err := n.ha.LinkSetUp(l); err != nil {
+			t.Fatalf("set %s up: %v", name, err)
+		}
+	}
+	return l
+}
+
+// addAddr adds the address cidr (without duplicate address detection, so
+// an IPv6 one is usable at once) to l.
+func addAddr(t *testing.T, h *netlink.Handle, l netlink.Link, cidr string) {
+	t.Helper()
+	a, err := netlink.ParseAddr(cidr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Flags = unix.IFA_F_NODAD
+	if err := h.AddrAdd(l, a); err != nil {
+		t.Fatalf("add %s to %s: %v", cidr, l.Attrs().Name, err)
+	}
+}
+
+// testTaps makes taps with CreateTaps. When the test ends their files are
+// closed and the test fails unless the taps are gone from ns.
+func testTaps(t *testing.T, ns *os.File, h *netlink.Handle, macs []net.HardwareAddr) []*Tap {
+	t.Helper()
+	taps, err := CreateTaps(ns, macs)
+	if err != nil {
+		t.Fatalf("CreateTaps: %v", err)
+	}
+	t.Cleanup(func() {
+		for _, tap := range taps {
+			tap.Close()
+		}
+		waitFor(t, "taps gone once their files are closed", func() error {
+			if names := tapNames(t, h); len(names) > 0 {
+				return fmt.Errorf("taps left: %v", names)
+			}
+			return nil
+		})
+	})
+	return taps
+}
+
+// tapNames lists the interfaces seen through h whose name is a tap's.
+func tapNames(t *testing.T, h *netlink.Handle) []string {
+	t.Helper()
+	links, err := h.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Name, TapPrefix) {
+			out = append(out, l.Attrs().Name)
+		}
+	}
+	return out
+}
+
+func TestScanListsOnlyInterfacesWithAUsableAddress(t *testing.T) {
+	checkNoFDLeak(t)
+	n := newTestNet(t)
+	tests := []struct {
+		name   string
+		setup  func(t *testing.T) netlink.Link
+		listed bool
+	}{
+		{"loopback with addresses", func(t *testing.T) netlink.Link {
+			lo := n.link(t, n.ha, "lo")
+			if err := n.ha.LinkSetUp(lo); err != nil {
+				t.Fatal(err)
+			}
+			return lo
+		}, false},
+		{"interface without address", func(t *testing.T) netlink.Link {
+			return n.addLink(t, "bare0", false)
+		}, false},
+		{"interface with an IPv6 link-local address only", func(t *testing.T) netlink.Link {
+			l := n.addLink(t, "ll0", true)
+			addAddr(t, n.ha, l, "fe80::5/64")
+			return l
+		}, false},
+		{"tap with an address", func(t *testing.T) netlink.Link {
+			taps := testTaps(t, n.a, n.ha, []net.HardwareAddr{nil})
+			l := n.link(t, n.ha, taps[0].Name)
+			addAddr(t, n.ha, l, "10.99.0.1/24")
+			return l
+		}, false},
+		{"interface with a global IPv6 address only", func(t *testing.T) netlink.Link {
+			l := n.addLink(t, "v6only0", true)
+			addAddr(t, n.ha, l, "fd00:1::1/64")
+			return l
+		}, true},
+		{"veth with an IPv4 address", func(t *testing.T) netlink.Link {
+			l := n.link(t, n.ha, "eth0")
+			if err := n.ha.LinkSetMTU(l, 1400); err != nil {
+				t.Fatal(err)
+			}
+			addAddr(t, n.ha, l, "10.77.0.2/24")
+			return n.link(t, n.ha, "eth0")
+		}, true},
+	}
+	var want []Link
+	skipped := make(map[string]string) // interface name: case
+	for _, tt := range tests {
+		a := tt.setup(t).Attrs()
+		if tt.listed {
+			want = append(want, Link{Name: a.Name, Index: a.Index, MAC: a.HardwareAddr, MTU: a.MTU})
+		} else {
+			skipped[a.Name] = tt.name
+		}
+	}
+	slices.SortFunc(want, func(x, y Link) int { return x.Index - y.Index })
+	got, err := Scan(n.a)
+	if err != nil {
+		t.Fatalf("Scan: %v", err)
+	}
+	for _, l := range got {
+		if c, ok := skipped[l.Name]; ok {
+			t.Errorf("Scan lists %s: %s", l.Name, c)
+		}
+	}
+	if !equalLinks(got, want) {
+		t.Errorf("Scan = %v, want %v", got, want)
+	}
+}
+
+func TestScanFindsNothingBeforeTheInterfaceHasAnAddress(t *testing.T) {
+	checkNoFDLeak(t)
+	n := newTestNet(t)
+	got, err := Scan(n.a)
+	if err != nil {
+		t.Fatalf("Scan: %v", err)
+	}
+	if len(got) != 0 {
+		t.Fatalf("Scan of a namespace whose eth0 has no address = %v, want none", got)
+	}
+	eth0 := n.link(t, n.ha, "eth0")
+	addAddr(t, n.ha, eth0, "10.77.0.2/24")
+	got, err = Scan(n.a)
+	if err != nil {
+		t.Fatalf("Scan: %v", err)
+	}
+	a := eth0.Attrs()
+	want := []Link{{Name: "eth0", Index: a.Index, MAC: a.HardwareAddr, MTU: a.MTU}}
+	if !equalLinks(got, want) {
+		t.Errorf("Scan = %v, want %v", got, want)
+	}
+	// The other namespace is untouched: peer0 has no address.
+	if got, err := Scan(n.b); err != nil || len(got) != 0 {
+		t.Errorf("Scan of the peer's namespace = %v, %v; want none", got, err)
+	}
+}
+
+func equalLinks(a, b []Link) bool {
+	return slices.EqualFunc(a, b, func(x, y Link) bool {
+		return x.Name == y.Name && x.Index == y.Index && bytes.Equal(x.MAC, y.MAC) && x.MTU == y.MTU
+	})
+}
+
+func TestCreateTapsMakesTapsThatLiveWhileTheirFileIsOpen(t *testing.T) {
+	checkNoFDLeak(t)
+	n := newTestNet(t)
+	given, _ := net.ParseMAC("52:54:00:ab:cd:ef")
+	taps := testTaps(t, n.a, n.ha, []net.HardwareAddr{nil, given})
+	if len(taps) != 2 {
+		t.Fatalf("CreateTaps made %d taps, want 2", len(taps))
+	}
+	if !isLocalUnicast(taps[0].MAC) {
+		t.Errorf("tap for a nil MAC got %v, want a locally administered unicast MAC", taps[0].MAC)
+	}
+	if !bytes.Equal(taps[1].MAC, given) {
+		t.Errorf("tap for %v got %v", given, taps[1].MAC)
+	}
+	for i, tap := range taps {
+		if want := fmt.Sprintf("blxtap%d", i); tap.Name != want {
+			t.Errorf("tap %d is named %q, want %q", i, tap.Name, want)
+		}
+		l := n.link(t, n.ha, tap.Name)
+		tt, ok := l.(*netlink.Tuntap)
+		if !ok {
+			t.Fatalf("%s is a %s, want a tuntap", tap.Name, l.Type())
+		}
+		if tt.Mode != netlink.TUNTAP_MODE_TAP {
+			t.Errorf("%s mode %v, want tap", tap.Name, tt.Mode)
+		}
+		if want := netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR; tt.Flags&want != want {
+			t.Errorf("%s flags %#x, want NO_PI and VNET_HDR", tap.Name, tt.Flags)
+		}
+		if !tt.NonPersist {
+			t.Errorf("%s is persistent: it would outlive its VMM", tap.Name)
+		}
+		if l.Attrs().Flags&net.FlagUp == 0 {
+			t.Errorf("%s is down", tap.Name)
+		}
+		if v := readSysctl(t, n.a, "net/ipv6/conf/"+tap.Name+"/disable_ipv6"); v != "1" {
+			t.Errorf("%s disable_ipv6 = %q, want 1", tap.Name, v)
+		}
+		if _, err := n.hb.LinkByName(tap.Name); err == nil {
+			t.Errorf("%s is in the other namespace too", tap.Name)
+		}
+	}
+	// Closing one tap's file removes that tap only.
+	taps[0].Close()
+	waitFor(t, "blxtap0 gone after its file is closed", func() error {
+		if names := tapNames(t, n.ha); !slices.Equal(names, []string{"blxtap1"}) {
+			return fmt.Errorf("taps %v, want [blxtap1]", names)
+		}
+		return nil
+	})
+}
+
+func TestCreateTapsLeavesNoTapOnFailure(t *testing.T) {
+	checkNoFDLeak(t)
+	n := newTestNet(t)
+	// blxtap1 is taken by an interface that is not a tap: the second tap
+	// cannot be made.
+	n.addLink(t, "blxtap1", false)
+	taps, err := CreateTaps(n.a, []net.HardwareAddr{nil, nil})
+	if err == nil {
+		for _, tap := range taps {
+			tap.Close()
+		}
+		t.Fatal("CreateTaps succeeded although blxtap1 is a veth")
+	}
+	if !strings.Contains(err.Error(), "blxtap1") {
+		t.Errorf("CreateTaps = %q, which does not name the tap", err)
+	}
+	waitFor(t, "blxtap0 removed after the failure", func() error {
+		if names := tapNames(t, n.ha); !slices.Equal(names, []string{"blxtap1"}) {
+			return fmt.Errorf("interfaces %v, want only the veth blxtap1", names)
+		}
+		return nil
+	})
+}
+
+func TestRandomMACIsALocallyAdministeredUnicastMAC(t *testing.T) {
+	seen := make(map[string]bool)
+	for range 64 {
+		mac, err := RandomMAC()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(mac) != 6 || !isLocalUnicast(mac) {
+			t.Fatalf("RandomMAC = %v, want a locally administered unicast MAC", mac)
+		}
+		seen[mac.String()] = true
+	}
+	if len(seen) < 60 {
+		t.Errorf("64 calls of RandomMAC gave %d distinct MACs", len(seen))
+	}
+}
+
+func isLocalUnicast(mac net.HardwareAddr) bool {
+	return len(mac) == 6 && mac[0]&1 == 0 && mac[0]&2 != 0
+}
+
+// readSysctl reads /proc/sys/<key> as the namespace ns has it.
+func readSysctl(t *testing.T, ns *os.File, key string) string {
+	t.Helper()
+	var v []byte
+	err := netns.Do(ns, func() error {
+		var err error
+		v, err = os.ReadFile("/proc/sys/" + key)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(v))
+}

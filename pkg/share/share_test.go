@@ -1,0 +1,306 @@
+package share
+
+import (
+	"errors"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// requireRoot skips the test unless it may mount.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: run as root")
+	}
+}
+
+// mountEntry is one line of /proc/self/mountinfo.
+type mountEntry struct {
+	mountpoint string
+	options    []string // per-mount options (ro, nosuid, ...)
+	optional   []string // propagation fields (shared:N, master:N, ...)
+	fstype     string
+}
+
+// mounts parses /proc/self/mountinfo.
+func mounts(t *testing.T) []mountEntry {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []mountEntry
+	for line := range strings.Lines(string(data)) {
+		before, after, ok := strings.Cut(strings.TrimSpace(line), " - ")
+		fields, tail := strings.Fields(before), strings.Fields(after)
+		if !ok || len(fields) < 6 || len(tail) < 1 {
+			t.Fatalf("mountinfo line %q", line)
+		}
+		out = append(out, mountEntry{
+			mountpoint: unescape(fields[4]),
+			options:    strings.Split(fields[5], ","),
+			optional:   fields[6:],
+			fstype:     tail[0],
+		})
+	}
+	return out
+}
+
+// unescape undoes mountinfo's octal escapes (\040 for a space).
+func unescape(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// mountsUnder returns the mounts at dir or below it, in mount order.
+func mountsUnder(t *testing.T, dir string) []mountEntry {
+	t.Helper()
+	var out []mountEntry
+	for _, m := range mounts(t) {
+		if m.mountpoint == dir || strings.HasPrefix(m.mountpoint, dir+"/") {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// mountAt returns the topmost mount at exactly dir; it fails the test if
+// there is none.
+func mountAt(t *testing.T, dir string) mountEntry {
+	t.Helper()
+	var found []mountEntry
+	for _, m := range mounts(t) {
+		if m.mountpoint == dir {
+			found = append(found, m)
+		}
+	}
+	if len(found) == 0 {
+		t.Fatalf("nothing is mounted at %s", dir)
+	}
+	return found[len(found)-1]
+}
+
+func isShared(m mountEntry) bool {
+	return slices.ContainsFunc(m.optional, func(f string) bool { return strings.HasPrefix(f, "shared:") })
+}
+
+// testRoot returns a temporary directory for one test's sources and share.
+// When the test ends it fails if anything is still mounted under it, and
+// detaches what is, so that the removal of the temporary directory cannot
+// delete through a bind mount.
+func testRoot(t *testing.T) string {
+	t.Helper()
+	requireRoot(t)
+	root := t.TempDir()
+	t.Cleanup(func() {
+		left := mountsUnder(t, root)
+		if len(left) == 0 {
+			return
+		}
+		t.Errorf("still mounted under %s: %v", root, left)
+		for _, m := range slices.Backward(left) {
+			unix.Unmount(m.mountpoint, unix.MNT_DETACH)
+		}
+	})
+	return root
+}
+
+// newShare creates the share root/share, removed when the test ends (and
+// the test fails unless Remove succeeds and takes the directory).
+func newShare(t *testing.T, root string) *Share {
+	t.Helper()
+	dir := filepath.Join(root, "share")
+	s, err := Create(dir)
+	if err != nil {
+		t.Fatalf("Create(%s): %v", dir, err)
+	}
+	t.Cleanup(func() { removeShare(t, dir) })
+	return s
+}
+
+// removeShare removes the share at dir and checks that nothing of it is
+// left.
+func removeShare(t *testing.T, dir string) {
+	t.Helper()
+	if err := Remove(dir); err != nil {
+		t.Errorf("Remove(%s): %v", dir, err)
+	}
+	if left := mountsUnder(t, dir); len(left) > 0 {
+		t.Errorf("still mounted under %s after Remove: %v", dir, left)
+	}
+	if _, err := os.Lstat(dir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("%s exists after Remove: %v", dir, err)
+	}
+}
+
+// mountTmpfs mounts a tmpfs at dir (made if missing), unmounted when the
+// test ends; shared makes it a shared mount, as / is on a systemd host.
+func mountTmpfs(t *testing.T, dir string, shared bool) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	if shared {
+		if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
+			t.Fatalf("make %s shared: %v", dir, err)
+		}
+	}
+}
+
+// writeFiles writes files (path relative to dir: content) under dir.
+func writeFiles(t *testing.T, dir string, files map[string]string) {
+	t.Helper()
+	for name, content := range files {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// readFile returns the content of path, failing the test if it cannot.
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// tree returns the regular files under dir with their content.
+func tree(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := make(map[string]string)
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		out[p] = string(b)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestCreateMountsAPrivateTmpfs(t *testing.T) {
+	tests := []struct {
+		name string
+		// sharedParent puts the share under a shared mount, whose
+		// children are shared unless made private.
+		sharedParent bool
+	}{
+		{"under a private mount", false},
+		{"under a shared mount", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := testRoot(t)
+			parent := filepath.Join(root, "parent")
+			mountTmpfs(t, parent, tt.sharedParent)
+			dir := filepath.Join(parent, "share")
+			s, err := Create(dir)
+			if err != nil {
+				t.Fatalf("Create: %v", err)
+			}
+			t.Cleanup(func() { removeShare(t, dir) })
+			if s.Dir() != dir {
+				t.Errorf("Dir() = %s, want %s", s.Dir(), dir)
+			}
+			under := mountsUnder(t, dir)
+			if len(under) != 1 {
+				t.Fatalf("mounts under %s: %v, want the share's tmpfs only", dir, under)
+			}
+			m := under[0]
+			if m.fstype != "tmpfs" {
+				t.Errorf("%s is %s, want tmpfs", dir, m.fstype)
+			}
+			if isShared(m) {
+				t.Errorf("%s is shared (%v), want private", dir, m.optional)
+			}
+			for _, opt := range []string{"nosuid", "nodev"} {
+				if !slices.Contains(m.options, opt) {
+					t.Errorf("%s options %v, want %s", dir, m.options, opt)
+				}
+			}
+			if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+				t.Errorf("new share holds %v (%v), want nothing", entries, err)
+			}
+		})
+	}
+}
+
+func TestCreateReplacesAStaleShare(t *testing.T) {
+	root := testRoot(t)
+	src := filepath.Join(root, "src")
+	writeFiles(t, src, map[string]string{"keep.txt": "host data", "sub/deep.txt": "deep"})
+	before := tree(t, src)
+	stale := newShare(t, root)
+	if err := stale.Add(Bind{Source: src, Path: "c1/rootfs"}); err != nil {
+		t.Fatal(err)
+	}
+	// A shim that was killed leaves its share; the next one creates it
+	// again without a Remove.
+	s, err := Create(stale.Dir())
+	if err != nil {
+		t.Fatalf("Create over a stale share: %v", err)
+	}
+	under := mountsUnder(t, s.Dir())
+	if len(under) != 1 || under[0].fstype != "tmpfs" {
+		t.Errorf("mounts under %s: %v, want one tmpfs", s.Dir(), under)
+	}
+	if entries, err := os.ReadDir(s.Dir()); err != nil || len(entries) != 0 {
+		t.Errorf("replaced share holds %v (%v), want nothing", entries, err)
+	}
+	if after := tree(t, src); !maps.Equal(after, before) {
+		t.Errorf("source after replacing the share: %v, want %v", after, before)
+	}
+}
+
+func TestCreateRefusesADirectoryThatHoldsFiles(t *testing.T) {
+	root := testRoot(t)
+	dir := filepath.Join(root, "share")
+	writeFiles(t, dir, map[string]string{"precious.txt": "not a share's"})
+	if _, err := Create(dir); err == nil {
+		removeShare(t, dir)
+		t.Fatal("Create over a directory with files succeeded")
+	}
+	if got := readFile(t, filepath.Join(dir, "precious.txt")); got != "not a share's" {
+		t.Errorf("precious.txt = %q after Create", got)
+	}
+	if left := mountsUnder(t, dir); len(left) > 0 {
+		t.Errorf("mounted under %s: %v", dir, left)
+	}
+}
