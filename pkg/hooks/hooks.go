@@ -279,8 +279,16 @@ type classified struct {
 	cause error
 }
 
-func (e *classified) Error() string   { return e.msg }
-func (e *classified) Unwrap() []error { return []error{e.class, e.cause} }
+func (e *classified) Error() string { return e.msg }
+
+// Unwrap returns the class and the cause, if any: never a nil error (which
+// errgrpc.ToGRPC, walking the tree, would dereference).
+func (e *classified) Unwrap() []error {
+	if e.cause == nil {
+		return []error{e.class}
+	}
+	return []error{e.class, e.cause}
+}
 
 // classify formats an error of class; a %w in format wraps a cause.
 func classify(class error, format string, args ...any) error {

@@ -16,9 +16,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/boxlite/boxlite/pkg/reaper"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/status"
+
+	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
 func TestHookGetsExactStateOnStdin(t *testing.T) {
@@ -396,4 +399,23 @@ func TestDescendantHoldingStdoutDoesNotBlockTheRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertGone(t, daemon.Pid())
+}
+
+// TestHookErrorsCrossTheWire converts a failing hook's error for ttrpc, as
+// the shim's Create does. Its error tree once held a nil cause, on which
+// errgrpc.ToGRPC panicked and took the shim down; verified two-sided (the
+// conversion panics with Unwrap returning the nil cause).
+func TestHookErrorsCrossTheWire(t *testing.T) {
+	checkLeaks(t)
+	err := Run(context.Background(), "createRuntime", []specs.Hook{{Path: "/bin/sh", Args: []string{"sh", "-c", "echo nope >&2; exit 3"}}}, testState())
+	if err == nil {
+		t.Fatal("failing hook: no error")
+	}
+	st, ok := status.FromError(errgrpc.ToGRPC(err))
+	if !ok || !strings.Contains(st.Message(), "nope") {
+		t.Errorf("wire error %v does not carry the hook's stderr", st)
+	}
+	if !errdefs.IsFailedPrecondition(errgrpc.ToNative(errgrpc.ToGRPC(err))) {
+		t.Errorf("class lost on the wire: %v", err)
+	}
 }

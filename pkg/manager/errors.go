@@ -14,8 +14,15 @@ type classified struct {
 	cause error
 }
 
-func (e *classified) Error() string   { return e.msg }
-func (e *classified) Unwrap() []error { return []error{e.class, e.cause} }
+func (e *classified) Error() string { return e.msg }
+
+// Unwrap returns the class and the cause, if any: never a nil error.
+func (e *classified) Unwrap() []error {
+	if e.cause == nil {
+		return []error{e.class}
+	}
+	return []error{e.class, e.cause}
+}
 
 // errorf formats an error of the errdefs class; %w in format wraps a cause.
 func errorf(class error, format string, args ...any) error {
