@@ -69,7 +69,7 @@ func BenchmarkGuestBootVsFloor(b *testing.B) {
 // bareBoot boots the kernel with initrd and returns launch to VMM exit.
 func bareBoot(b *testing.B, rootfs, initrd string) time.Duration {
 	b.Helper()
-	q, err := vmm.NewQEMU(vmm.Config{Kernel: kernelPath, Initrd: initrd, Rootfs: rootfs, StateDir: shortTempDir(b)})
+	q, err := vmm.NewQEMU(vmm.Config{Kernel: kernelPath, Initrd: initrd, Share: rootfs, StateDir: shortTempDir(b)})
 	if err != nil {
 		b.Fatal(err)
 	}

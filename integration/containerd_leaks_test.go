@@ -78,8 +78,8 @@ func descendants(root int, ps []procInfo) []procInfo {
 
 // strays are the processes this test's daemon caused that are still there:
 // every descendant of the test process except the daemon itself, and any
-// process naming the daemon's directory on its command line (a shim or a
-// QEMU reparented elsewhere).
+// process naming the daemon's directory or a box's shim state directory on
+// its command line (a shim or a QEMU reparented elsewhere).
 func (c *containerd) strays() []procInfo {
 	ps := listProcs()
 	daemon := c.pid()
@@ -95,9 +95,19 @@ func (c *containerd) strays() []procInfo {
 	for _, p := range descendants(os.Getpid(), ps) {
 		add(p)
 	}
+	// QEMU names its box's share, in the shim's state directory.
+	var stateDirs []string
+	for _, id := range c.ids {
+		stateDirs = append(stateDirs, shimStateDir(testNamespace, id))
+	}
 	for _, p := range ps {
 		if strings.Contains(p.cmdline, c.dir) {
 			add(p)
+		}
+		for _, d := range stateDirs {
+			if strings.Contains(p.cmdline, d+"/") {
+				add(p)
+			}
 		}
 	}
 	return out

@@ -25,6 +25,7 @@ import (
 	"github.com/boxlite/boxlite/pkg/agent"
 	"github.com/boxlite/boxlite/pkg/agent/api"
 	"github.com/boxlite/boxlite/pkg/sandbox"
+	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
 // result is what a process in a box produced.
@@ -89,7 +90,7 @@ func createBox(t testing.TB, ctx context.Context, c *agent.Client, id string, sp
 		t.Fatal(err)
 	}
 	_, err = c.CreateContainer(ctx, &api.CreateContainerRequest{
-		Id: id, Spec: data, RootfsTag: "rootfs",
+		Id: id, Spec: data, ShareTag: vmm.ShareTag, Rootfs: "rootfs",
 		Stdio: &api.Stdio{Stdin: stdin, Stdout: true, Stderr: true},
 	})
 	if err != nil {
@@ -301,9 +302,9 @@ func TestGuestRejectsAMalformedSpecAndKeepsServing(t *testing.T) {
 	defer cancel()
 	c := sb.Agent()
 	for name, req := range map[string]*api.CreateContainerRequest{
-		"garbage spec": {Id: "bad", Spec: []byte("{not json"), RootfsTag: "rootfs", Stdio: &api.Stdio{}},
-		"bad id":       {Id: "../etc", Spec: []byte("{}"), RootfsTag: "rootfs", Stdio: &api.Stdio{}},
-		"huge spec":    {Id: "huge", Spec: bytes.Repeat([]byte(" "), 1<<20+1), RootfsTag: "rootfs", Stdio: &api.Stdio{}},
+		"garbage spec": {Id: "bad", Spec: []byte("{not json"), ShareTag: vmm.ShareTag, Rootfs: "rootfs", Stdio: &api.Stdio{}},
+		"bad id":       {Id: "../etc", Spec: []byte("{}"), ShareTag: vmm.ShareTag, Rootfs: "rootfs", Stdio: &api.Stdio{}},
+		"huge spec":    {Id: "huge", Spec: bytes.Repeat([]byte(" "), 1<<20+1), ShareTag: vmm.ShareTag, Rootfs: "rootfs", Stdio: &api.Stdio{}},
 	} {
 		if _, err := c.CreateContainer(ctx, req); err == nil {
 			t.Errorf("%s: create succeeded", name)
@@ -454,8 +455,8 @@ func TestGuestBadVMConfigGetsAClearError(t *testing.T) {
 	}{
 		{"missing kernel", func(c *sandbox.Config) { c.VM.Kernel = "/nonexistent/vmlinux" }, []string{"/nonexistent/vmlinux", "make kernel"}},
 		{"missing initrd", func(c *sandbox.Config) { c.VM.Initrd = "/nonexistent/initrd" }, []string{"/nonexistent/initrd", "make initramfs"}},
-		{"missing rootfs", func(c *sandbox.Config) { c.VM.Rootfs = "/nonexistent/rootfs" }, []string{"/nonexistent/rootfs"}},
-		{"rootfs is a file", func(c *sandbox.Config) { c.VM.Rootfs = file }, []string{file, "not a directory"}},
+		{"missing share", func(c *sandbox.Config) { c.VM.Share = "/nonexistent/share" }, []string{"/nonexistent/share"}},
+		{"share is a file", func(c *sandbox.Config) { c.VM.Share = file }, []string{file, "not a directory"}},
 		{"qemu missing", func(c *sandbox.Config) { c.VM.QEMUBinary = "/nonexistent/qemu-system-x86_64" }, []string{"make setup"}},
 	}
 	for _, tt := range tests {

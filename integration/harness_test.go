@@ -166,9 +166,10 @@ func sandboxConfig(t testing.TB, rootfs string, o vmOpts) sandbox.Config {
 	}
 	return sandbox.Config{
 		VM: vmm.Config{
-			Kernel:     kernelPath,
-			Initrd:     initrd,
-			Rootfs:     rootfs,
+			Kernel: kernelPath,
+			Initrd: initrd,
+			// The guest takes the rootfs from the share by its name.
+			Share:      filepath.Dir(rootfs),
 			StateDir:   shortTempDir(t),
 			MemoryMiB:  o.memoryMiB,
 			KernelArgs: o.kernelArgs,

@@ -10,14 +10,18 @@ import (
 
 	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/manager"
+	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
 // boxOptions are the flags that describe a new box (run and create).
 type boxOptions struct {
 	rootfs, workdir, user, name, memory string
 	env                                 envFlag
-	cpus                                float64
-	state                               *string
+	// network, ports and volumes connect the box to the host.
+	network        string
+	ports, volumes multiFlag
+	cpus           float64
+	state          *string
 	// noHealth and health (by annotation) tune the box's health check.
 	noHealth bool
 	health   map[string]*string
@@ -40,6 +44,9 @@ func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	fs.StringVar(&o.name, "name", "", "box name (unique; default: none, use the id)")
 	fs.StringVar(&o.memory, "memory", "", "memory limit of the process, e.g. 256m or 1g (plain number: MiB)")
 	fs.Float64Var(&o.cpus, "cpus", 0, "CPUs of the box: sizes the VM and sets a CPU quota")
+	fs.StringVar(&o.network, "network", manager.NetworkUser, "the box's network: user (outbound NAT, -p works, no host set-up), none (loopback only) or netns:PATH (the VM joins that network namespace)")
+	fs.Var(&o.ports, "p", "publish a box port on the host with --network user: [IP:]HOSTPORT:BOXPORT[/tcp|udp] (repeatable)")
+	fs.Var(&o.volumes, "v", "bind-mount a host path into the box: HOSTPATH:BOXPATH[:ro] (repeatable)")
 	fs.BoolVar(&o.noHealth, "no-health-check", false, "turn off the box's health check (on by default: is the VM running and its agent answering)")
 	o.health = map[string]*string{}
 	for _, f := range healthFlags {
@@ -91,13 +98,29 @@ func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (ma
 	if err != nil {
 		return manager.CreateOptions{}, err
 	}
+	if len(o.ports) > 0 && o.network != manager.NetworkUser {
+		return manager.CreateOptions{}, usageErrorf(cmd, "-p publishes ports with --network user only")
+	}
+	for _, p := range o.ports {
+		if _, err := vmm.ParseForward(p); err != nil {
+			return manager.CreateOptions{}, usageErrorf(cmd, "-p: %v", err)
+		}
+	}
+	var vols []manager.Volume
+	for _, v := range o.volumes {
+		vol, err := manager.ParseVolume(v)
+		if err != nil {
+			return manager.CreateOptions{}, usageErrorf(cmd, "-v: %v", err)
+		}
+		vols = append(vols, vol)
+	}
 	return manager.CreateOptions{
 		ID:   manager.NewID(),
 		Name: o.name,
 		Spec: manager.BoxSpec{
 			Args: argv, Env: o.env, Cwd: o.workdir, User: o.user,
 			MemoryBytes: mem, CPUs: o.cpus, Terminal: terminal, Rootfs: o.rootfs,
-			Annotations: ann,
+			Annotations: ann, Network: o.network, Ports: o.ports, Volumes: vols,
 		},
 	}, nil
 }
@@ -108,7 +131,7 @@ func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (ma
 func runRun(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
 	var rm, detach, interactive, tty bool
-	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	fs.BoolVar(&rm, "rm", false, "remove the box when its process exits")
 	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (output goes to box.log in its directory)")
@@ -220,7 +243,7 @@ func runForeground(ctx context.Context, env *cliEnv, m *manager.Manager, co mana
 // Its output will go to box.log in its directory.
 func runCreate(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
-	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err

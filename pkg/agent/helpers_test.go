@@ -49,6 +49,9 @@ func (unimplementedAgent) Ping(context.Context, *api.PingRequest) (*api.PingResp
 func (unimplementedAgent) CreateContainer(context.Context, *api.CreateContainerRequest) (*api.CreateContainerResponse, error) {
 	return nil, errdefs.ErrNotImplemented
 }
+func (unimplementedAgent) ConfigureNetwork(context.Context, *api.ConfigureNetworkRequest) (*api.Empty, error) {
+	return nil, errdefs.ErrNotImplemented
+}
 func (unimplementedAgent) StartContainer(context.Context, *api.ContainerRequest) (*api.StartContainerResponse, error) {
 	return nil, errdefs.ErrNotImplemented
 }

@@ -82,6 +82,11 @@ type Agent struct {
 	// shutdownOnce runs Shutdown's work once.
 	shutdownOnce sync.Once
 
+	// shareMu guards shares.
+	shareMu sync.Mutex
+	// shares says which share tags are mounted. Guarded by shareMu.
+	shares map[string]bool
+
 	// mu guards containers.
 	mu sync.Mutex
 	// containers maps an id to its container; a nil value reserves an id
@@ -107,6 +112,7 @@ func New(rt Runtime, r *reaper.Reaper, opts ...Option) (*Agent, error) {
 		stop:       cancel,
 		stopped:    make(chan struct{}),
 		containers: map[string]*container{},
+		shares:     map[string]bool{},
 	}, nil
 }
 

@@ -28,9 +28,6 @@ func (a *Agent) Create(ctx context.Context, req *api.CreateContainerRequest) (_ 
 	if err := validateID("container id", id); err != nil {
 		return 0, err
 	}
-	if err := validateID("rootfs tag", req.GetRootfsTag()); err != nil {
-		return 0, err
-	}
 	if err := a.reserve(id); err != nil {
 		return 0, err
 	}
@@ -114,13 +111,26 @@ func (a *Agent) watchOOM(ctx context.Context, c *container, pid int) {
 	c.stopOOMWatch = stop
 }
 
-// prepareBundle validates the spec, mounts the rootfs share and writes
-// config.json. It returns the guest uid and gid of the init's user.
+// prepareBundle validates the spec, binds the rootfs from the share and
+// writes config.json. It returns the guest uid and gid of the init's user.
 func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, undo *cleanups) (uid, gid int, err error) {
+	share, err := a.share(req.GetShareTag())
+	if err != nil {
+		return 0, 0, err
+	}
+	rootfs, err := sharePath(share, "rootfs", req.GetRootfs())
+	if err != nil {
+		return 0, 0, err
+	}
+	sources, err := sharedSources(share, req.GetSharedMounts())
+	if err != nil {
+		return 0, 0, err
+	}
 	cfg, spec, err := rewriteSpec(req.GetSpec(), specEdit{
 		rootPath:    c.rootfs,
 		cgroupsPath: c.cgroup,
 		terminal:    req.GetStdio().GetTerminal(),
+		sources:     sources,
 	})
 	if err != nil {
 		return 0, 0, err
@@ -133,7 +143,7 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 		return 0, 0, err
 	}
 	undo.add(func() { os.Remove(c.rootfs) })
-	if err := mount9p(req.GetRootfsTag(), c.rootfs); err != nil {
+	if err := bindRootfs(rootfs, c.rootfs); err != nil {
 		return 0, 0, err
 	}
 	undo.add(func() { unmount(c.rootfs) })

@@ -68,6 +68,12 @@ func (s *service) CreateContainer(ctx context.Context, req *api.CreateContainerR
 	return &api.CreateContainerResponse{Pid: pid}, nil
 }
 
+// ConfigureNetwork moves NICs into a created container's network namespace
+// and configures them; see Agent.ConfigureNetwork.
+func (s *service) ConfigureNetwork(ctx context.Context, req *api.ConfigureNetworkRequest) (*api.Empty, error) {
+	return empty, wire(ctx, "ConfigureNetwork", s.a.ConfigureNetwork(ctx, req))
+}
+
 // StartContainer starts a created container.
 func (s *service) StartContainer(ctx context.Context, req *api.ContainerRequest) (*api.StartContainerResponse, error) {
 	pid, err := s.a.Start(ctx, req.GetId())

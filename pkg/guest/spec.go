@@ -44,12 +44,16 @@ type specEdit struct {
 	cgroupsPath string
 	// terminal replaces process.terminal: the agent decides how stdio is set.
 	terminal bool
+	// sources are the guest sources of the spec's bind mounts, by index in
+	// mounts: every bind mount must have one.
+	sources map[int]string
 }
 
 // rewriteSpec rewrites an OCI spec from the host for the guest and returns it
 // with its decoded form. Host-only fields are rewritten: hooks are dropped
-// (they are host commands), linux.cgroupsPath is set, namespace paths are
-// dropped (their types kept), root.path and process.terminal are set.
+// (they are host commands, run by the host), bind mount sources are moved
+// into the share, linux.cgroupsPath is set, namespace paths are dropped
+// (their types kept), root.path and process.terminal are set.
 // Everything else, including fields this agent does not know, is kept as is.
 func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
 	if len(data) > maxSpecSize {
@@ -63,6 +67,9 @@ func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
 		return nil, nil, fmt.Errorf("spec has no process: %w", errdefs.ErrInvalidArgument)
 	}
 	delete(doc, "hooks")
+	if err := rewriteMounts(doc, edit.sources); err != nil {
+		return nil, nil, err
+	}
 	if err := clampVersion(doc); err != nil {
 		return nil, nil, err
 	}

@@ -91,7 +91,7 @@ func TestGenerateSpecSetsTheLimits(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s, err := GenerateSpec("b1", BoxSpec{Args: []string{"true"}, Rootfs: "/r", MemoryBytes: tt.mem, CPUs: tt.cpus})
+			s, err := GenerateSpec("b1", t.TempDir(), BoxSpec{Args: []string{"true"}, Rootfs: "/r", MemoryBytes: tt.mem, CPUs: tt.cpus})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/boxlite/boxlite/pkg/health"
+	"github.com/boxlite/boxlite/pkg/network"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -175,7 +176,11 @@ func (b *Box) syncState(ctx context.Context) error {
 	// The shim keeps the box's health in the bundle (events may have gone
 	// unheard while no manager served them).
 	hs, herr := health.ReadFile(b.rec.Bundle)
+	ni, nerr := network.ReadInfo(b.rec.Bundle)
 	return b.update(func(r *Record) {
+		if nerr == nil {
+			r.Interfaces = ni.Interfaces
+		}
 		if vmmKnown && !vmmDead {
 			r.VMMPid, r.VMMStartTime = vmm.Pid, vmm.StartTime
 		}

@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -41,6 +42,127 @@ type BoxSpec struct {
 	// Annotations are added to the spec (the io.boxlite.* settings the shim
 	// reads, such as the health check's).
 	Annotations map[string]string
+	// Network is the box's network: NetworkUser (the default), NetworkNone
+	// or "netns:PATH".
+	Network string
+	// Ports are published ports with user networking, each
+	// [IP:]HOSTPORT:BOXPORT[/tcp|udp].
+	Ports []string
+	// Volumes are host paths bind-mounted into the box.
+	Volumes []Volume
+}
+
+// Networks a box can have.
+const (
+	// NetworkUser is QEMU's user networking: outbound NAT and published
+	// ports, with no network set-up on the host.
+	NetworkUser = "user"
+	// NetworkNone is loopback only.
+	NetworkNone = "none"
+	// networkNetNSPrefix starts "netns:PATH": the VM joins the network
+	// namespace at PATH.
+	networkNetNSPrefix = "netns:"
+)
+
+// Annotations the shim reads for user networking (pkg/shim's
+// AnnotationNetwork and AnnotationPorts).
+const (
+	annotationNetwork = "io.boxlite.network"
+	annotationPorts   = "io.boxlite.network.ports"
+)
+
+// Volume is a host file or directory bind-mounted into a box.
+type Volume struct {
+	// Source is the host path (made absolute); Destination the box path.
+	Source, Destination string
+	// ReadOnly mounts it read-only.
+	ReadOnly bool
+}
+
+// ParseVolume parses -v HOSTPATH:BOXPATH[:ro|:rw].
+func ParseVolume(s string) (Volume, error) {
+	parts := strings.Split(s, ":")
+	var v Volume
+	switch {
+	case len(parts) == 3 && (parts[2] == "ro" || parts[2] == "rw"):
+		v.ReadOnly = parts[2] == "ro"
+	case len(parts) != 2:
+		return v, errorf(errdefs.ErrInvalidArgument, "volume %q: want HOSTPATH:BOXPATH[:ro|rw]", s)
+	}
+	if parts[0] == "" || !strings.HasPrefix(parts[1], "/") {
+		return v, errorf(errdefs.ErrInvalidArgument, "volume %q: want HOSTPATH:BOXPATH[:ro|rw] with an absolute BOXPATH", s)
+	}
+	src, err := filepath.Abs(parts[0])
+	if err != nil {
+		return v, err
+	}
+	if _, err := os.Stat(src); err != nil {
+		return v, errorf(errdefs.ErrInvalidArgument, "volume %q: %s does not exist", s, src)
+	}
+	v.Source, v.Destination = src, filepath.Clean(parts[1])
+	return v, nil
+}
+
+// networkOpts returns the spec options of a box's network, and the files
+// it binds into the box (user networking gets a resolv.conf naming QEMU's
+// DNS forwarder and an /etc/hosts, written into dir).
+func networkOpts(s BoxSpec, dir string) ([]oci.SpecOpts, error) {
+	switch {
+	case s.Network == "" || s.Network == NetworkUser:
+		ann := map[string]string{annotationNetwork: NetworkUser}
+		if len(s.Ports) > 0 {
+			ann[annotationPorts] = strings.Join(s.Ports, ",")
+		}
+		mounts, err := userNetworkFiles(dir)
+		if err != nil {
+			return nil, err
+		}
+		return []oci.SpecOpts{oci.WithAnnotations(ann), oci.WithMounts(mounts)}, nil
+	case len(s.Ports) > 0:
+		return nil, errorf(errdefs.ErrInvalidArgument, "published ports need --network user")
+	case s.Network == NetworkNone:
+		// containerd's default spec has a network namespace without a
+		// path: the shim makes an empty one.
+		return nil, nil
+	case strings.HasPrefix(s.Network, networkNetNSPrefix) && len(s.Network) > len(networkNetNSPrefix):
+		path := strings.TrimPrefix(s.Network, networkNetNSPrefix)
+		if !filepath.IsAbs(path) {
+			return nil, errorf(errdefs.ErrInvalidArgument, "--network %s: the namespace path must be absolute", s.Network)
+		}
+		return []oci.SpecOpts{oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: path})}, nil
+	}
+	return nil, errorf(errdefs.ErrInvalidArgument, "--network %q: want user, none or netns:PATH", s.Network)
+}
+
+// userNetworkFiles writes the resolv.conf and hosts of a box on QEMU's user
+// network into dir and returns their bind mounts.
+func userNetworkFiles(dir string) ([]specs.Mount, error) {
+	files := []struct{ name, dest, content string }{
+		{"resolv.conf", "/etc/resolv.conf", "nameserver 10.0.2.3\n"},
+		{"hosts", "/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"},
+	}
+	var mounts []specs.Mount
+	for _, f := range files {
+		p := filepath.Join(dir, f.name)
+		if err := os.WriteFile(p, []byte(f.content), 0o644); err != nil {
+			return nil, fmt.Errorf("bundle: %w", err)
+		}
+		mounts = append(mounts, specs.Mount{Destination: f.dest, Type: "bind", Source: p, Options: []string{"rbind", "rw"}})
+	}
+	return mounts, nil
+}
+
+// volumeMounts returns the bind mounts of the volumes.
+func volumeMounts(vols []Volume) []specs.Mount {
+	var out []specs.Mount
+	for _, v := range vols {
+		mode := "rw"
+		if v.ReadOnly {
+			mode = "ro"
+		}
+		out = append(out, specs.Mount{Destination: v.Destination, Type: "bind", Source: v.Source, Options: []string{"rbind", mode}})
+	}
+	return out
 }
 
 // checkRootfs returns the absolute path of a root filesystem directory, or
@@ -68,10 +190,15 @@ func checkRootfs(rootfs string) (string, error) {
 
 // GenerateSpec returns containerd's default Linux spec for box id with s
 // applied, the spec ctr would send: root.path is the absolute rootfs (the
-// shim shares it with the VM).
-func GenerateSpec(id string, s BoxSpec) (*specs.Spec, error) {
+// shim shares it with the VM). Files the box's network needs are written
+// into dir, its bundle.
+func GenerateSpec(id, dir string, s BoxSpec) (*specs.Spec, error) {
 	if len(s.Args) == 0 {
 		return nil, errorf(errdefs.ErrInvalidArgument, "no command given")
+	}
+	netOpts, err := networkOpts(s, dir)
+	if err != nil {
+		return nil, err
 	}
 	opts := []oci.SpecOpts{
 		// root.path first: WithUser reads the rootfs's /etc/passwd.
@@ -111,6 +238,8 @@ func GenerateSpec(id string, s BoxSpec) (*specs.Spec, error) {
 	if len(s.Annotations) > 0 {
 		opts = append(opts, oci.WithAnnotations(s.Annotations))
 	}
+	opts = append(opts, netOpts...)
+	opts = append(opts, oci.WithMounts(volumeMounts(s.Volumes)))
 	ctx := namespaces.WithNamespace(context.Background(), Namespace)
 	spec, err := oci.GenerateSpec(ctx, nil, &containers.Container{ID: id}, opts...)
 	if err != nil {

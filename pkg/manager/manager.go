@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -123,13 +124,10 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 	if o.ID == "" {
 		o.ID = NewID()
 	}
-	spec, err := GenerateSpec(o.ID, o.Spec)
-	if err != nil {
-		return nil, err
-	}
 	rec := &Record{
 		ID: o.ID, Name: o.Name, Bundle: m.store.BundleDir(o.ID), Rootfs: rootfs,
 		Command: o.Spec.Args, Terminal: o.Spec.Terminal, Status: StatusCreated,
+		Network: cmp.Or(o.Spec.Network, NetworkUser), Ports: o.Spec.Ports,
 		CreatedAt: time.Now().UTC(),
 	}
 	if err := m.store.Add(rec); err != nil {
@@ -143,6 +141,13 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 			}
 		}
 	}()
+	if err := os.MkdirAll(rec.Bundle, 0o711); err != nil {
+		return nil, fmt.Errorf("bundle: %w", err)
+	}
+	spec, err := GenerateSpec(o.ID, rec.Bundle, o.Spec)
+	if err != nil {
+		return nil, err
+	}
 	if err := writeBundle(rec.Bundle, spec); err != nil {
 		return nil, err
 	}

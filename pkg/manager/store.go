@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
+	"github.com/boxlite/boxlite/pkg/network"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -101,6 +102,13 @@ type Record struct {
 	// Health is the box's health as the shim last reported it: starting,
 	// healthy, unhealthy or disabled (empty before the box started).
 	Health string `json:"health,omitempty"`
+	// Network is the network the box was given: user, none or netns:PATH.
+	Network string `json:"network,omitempty"`
+	// Ports are the ports published with user networking.
+	Ports []string `json:"ports,omitempty"`
+	// Interfaces are the box's configured network interfaces with their
+	// addresses, once it started.
+	Interfaces []network.InfoInterface `json:"interfaces,omitempty"`
 	// CreatedAt is when the box was created.
 	CreatedAt time.Time `json:"created_at"`
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/sandbox"
+	"github.com/boxlite/boxlite/pkg/share"
 	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
@@ -31,16 +32,23 @@ const stopTimeout = 10 * time.Second
 // box is one microVM running one container.
 type box struct {
 	id, ns, bundle string
-	// spec is the bundle's config.json as read.
-	spec []byte
+	// spec is the bundle's config.json as read; ociSpec is its decoded
+	// form (hooks, annotations).
+	spec    []byte
+	ociSpec *specs.Spec
 	// rootfs is the directory shared with the guest.
 	rootfs string
 	// mounted says the shim mounted rootfs from CreateTaskRequest.Rootfs.
 	mounted bool
-	// stateDir holds the VMM's sockets, console log and pid file.
+	// stateDir holds the VMM's sockets, console log and pid file, the
+	// share and the network state.
 	stateDir string
-	sb       *sandbox.Sandbox
-	init     *process
+	// net is the box's network; nil until made.
+	net *boxNetwork
+	// share is the directory shared with the VM; nil until made.
+	share *share.Share
+	sb    *sandbox.Sandbox
+	init  *process
 
 	// healthOpts configures the health checker.
 	healthOpts health.Options
@@ -132,36 +140,52 @@ func prepareRootfs(bundle string, spec *specs.Spec, mounts []*types.Mount) (stri
 	return target, true, nil
 }
 
-// bootBox boots the box's VM. ctx bounds the boot only.
-func bootBox(ctx context.Context, b *box, spec *specs.Spec, runtimeOpts *anypb.Any) error {
-	o, err := parseVMOptions(spec, runtimeOpts)
+// bootBox makes the box's network and share and boots its VM with them;
+// it returns where the container finds its rootfs and bind mounts in the
+// share. ctx bounds the boot only. On failure, what was made is left for
+// teardown.
+func bootBox(ctx context.Context, b *box, runtimeOpts *anypb.Any) (*boxShare, error) {
+	o, err := parseVMOptions(b.ociSpec, runtimeOpts)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	kernel, err := vmm.FindKernel(o.kernel)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	initrd, err := vmm.FindInitrd(o.initrd)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := os.MkdirAll(b.stateDir, 0o700); err != nil {
-		return fmt.Errorf("vm state directory: %w", err)
+		return nil, fmt.Errorf("vm state directory: %w", err)
+	}
+	if b.share, err = share.Create(filepath.Join(b.stateDir, shareDirName)); err != nil {
+		return nil, err
+	}
+	shared, err := shareContainer(b.share, b.id, b.rootfs, b.ociSpec)
+	if err != nil {
+		return nil, err
+	}
+	if b.net, err = newBoxNetwork(b.ociSpec, b.stateDir); err != nil {
+		return nil, err
 	}
 	sb, err := sandbox.Start(ctx, sandbox.Config{
 		VM: vmm.Config{
-			Kernel: kernel, Initrd: initrd, Rootfs: b.rootfs, StateDir: b.stateDir,
+			Kernel: kernel, Initrd: initrd, Share: b.share.Dir(), StateDir: b.stateDir,
 			VCPUs: o.vcpus, MemoryMiB: o.memoryMiB, Accel: o.accel,
+			NICs: b.net.nics(), NetNS: b.net.ns,
 		},
 		BootTimeout: o.bootTimeout,
 	})
+	// QEMU holds the taps now (or never will): each lives as long as it.
+	b.net.closeTaps()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	b.sb = sb
 	b.healthOpts = o.health
-	return nil
+	return shared, nil
 }
 
 // vmmPid is the VMM's pid: the "pid" of every task in the box, as Kata does.
@@ -201,8 +225,10 @@ func (b *box) processes() []*process {
 }
 
 // teardown stops the VM (graceful, then SIGKILL at the deadline) and, only
-// once the VMM is reaped, unmounts the rootfs and removes the state
-// directory. An error names the live pid and leaves the files in place.
+// once the VMM is reaped, undoes the network wiring, unmounts the share and
+// the rootfs and removes the state directory. An error names the live pid
+// and leaves the files in place; the state directory is never removed while
+// the share may still hold bind mounts of the host's files.
 func (b *box) teardown(ctx context.Context) error {
 	b.stopHealth()
 	if b.sb != nil {
@@ -223,13 +249,24 @@ func (b *box) teardown(ctx context.Context) error {
 			r.close()
 		}
 	}
+	if err := b.net.teardown(); err != nil {
+		errs = append(errs, fmt.Errorf("network of %s: %w", b.id, err))
+	}
+	b.net = nil
+	// The share binds the rootfs: it goes first.
+	shareErr := share.Remove(filepath.Join(b.stateDir, shareDirName))
+	if shareErr != nil {
+		errs = append(errs, shareErr)
+	}
 	if b.mounted {
 		if err := mount.UnmountRecursive(b.rootfs, 0); err != nil {
 			errs = append(errs, fmt.Errorf("unmount rootfs %s: %w", b.rootfs, err))
 		}
 	}
-	if err := os.RemoveAll(b.stateDir); err != nil {
-		errs = append(errs, err)
+	if shareErr == nil {
+		if err := os.RemoveAll(b.stateDir); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

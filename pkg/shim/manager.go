@@ -20,6 +20,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/boxlite/boxlite/pkg/reaper"
+	"github.com/boxlite/boxlite/pkg/share"
 	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
@@ -131,12 +132,30 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err != nil {
 		return shim.StopStatus{}, fmt.Errorf("delete %s: %w", id, err)
 	}
+	// The VMM is dead: undo what the shim left, in the order teardown
+	// does. The state directory is removed only once the share is
+	// unmounted, or its removal would reach the host's files.
+	created := dirExists(stateDir)
+	if err := unwireStale(stateDir); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("unwire network")
+	}
+	shareErr := share.Remove(filepath.Join(stateDir, shareDirName))
+	if shareErr != nil {
+		log.G(ctx).WithError(shareErr).WithField("id", id).Warn("remove share")
+	}
 	rootfs := filepath.Join(bundle, "rootfs")
 	if err := mount.UnmountRecursive(rootfs, 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("unmount rootfs")
 	}
-	if err := os.RemoveAll(stateDir); err != nil {
-		log.G(ctx).WithError(err).WithField("id", id).Warn("remove vm state")
+	if shareErr == nil {
+		if err := os.RemoveAll(stateDir); err != nil {
+			log.G(ctx).WithError(err).WithField("id", id).Warn("remove vm state")
+		}
+	}
+	if created {
+		// The box existed (its state directory outlives Create only on
+		// success): its poststop hooks are due, as at Delete.
+		runStalePoststop(ctx, id, bundle, vm.Pid)
 	}
 	return shim.StopStatus{Pid: vm.Pid, ExitStatus: exitStatusVMDied, ExitedAt: time.Now()}, nil
 }
@@ -144,4 +163,22 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 // Info describes the runtime.
 func (m manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
 	return &types.RuntimeInfo{Name: m.name}, nil
+}
+
+// dirExists says path is a directory.
+func dirExists(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.IsDir()
+}
+
+// runStalePoststop runs the poststop hooks of the bundle's spec for a box
+// whose shim is gone; failures are logged.
+func runStalePoststop(ctx context.Context, id, bundle string, pid int) {
+	_, spec, err := readSpec(bundle)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("read spec for poststop hooks")
+		return
+	}
+	b := &box{id: id, bundle: bundle, ociSpec: spec}
+	b.runHooksPid(ctx, pid, hookPoststop)
 }

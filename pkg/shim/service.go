@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
 var (
@@ -106,14 +107,22 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if specData, err = withHostHostname(specData, spec); err != nil {
 		return nil, err
 	}
+	if err := checkHooks(spec); err != nil {
+		return nil, err
+	}
 	rootfs, mounted, err := prepareRootfs(r.Bundle, spec, r.Rootfs)
 	if err != nil {
 		return nil, err
 	}
-	b := &box{id: r.ID, ns: ns, bundle: r.Bundle, spec: specData, rootfs: rootfs, mounted: mounted,
+	b := &box{id: r.ID, ns: ns, bundle: r.Bundle, spec: specData, ociSpec: spec, rootfs: rootfs, mounted: mounted,
 		stateDir: boxStateDir(ns, r.ID), execs: map[string]*process{}}
 	defer func() {
 		if retErr != nil {
+			if b.init != nil {
+				if rl := b.init.getRelay(); rl != nil {
+					rl.abort()
+				}
+			}
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*stopTimeout)
 			if err := b.teardown(cctx); err != nil {
 				log.G(ctx).WithError(err).WithField("id", r.ID).Error("clean up failed create")
@@ -121,7 +130,8 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			cancel()
 		}
 	}()
-	if err := bootBox(ctx, b, spec, r.Options); err != nil {
+	shared, err := bootBox(ctx, b, r.Options)
+	if err != nil {
 		return nil, err
 	}
 	stdio := stdioConfig{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
@@ -133,9 +143,16 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	b.init.setRelay(rl)
 	c := b.sb.Agent()
 	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{
-		Id: r.ID, Spec: specData, RootfsTag: "rootfs", Stdio: stdio.agentStdio(),
+		Id: r.ID, Spec: specData, ShareTag: vmm.ShareTag, Rootfs: shared.rootfs, SharedMounts: shared.mounts,
+		Stdio: stdio.agentStdio(),
 	}); err != nil {
 		return nil, fmt.Errorf("create %s in the guest: %w", r.ID, errgrpc.ToNative(err))
+	}
+	// The container's namespaces exist and QEMU runs in the box's
+	// network namespace: the hooks that configure it run now, before
+	// the process does.
+	if err := b.runHooks(ctx, hookPrestart, hookCreateRuntime); err != nil {
+		return nil, err
 	}
 	rl.start(c, r.ID, "")
 	s.mu.Lock()
@@ -167,6 +184,7 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 	if r.ExecID == "" {
 		s.events.send(&eventstypes.TaskStart{ContainerID: b.id, Pid: b.vmmPid()})
 		s.startHealth(b)
+		b.runHooks(ctx, hookPoststart)
 	} else {
 		s.events.send(&eventstypes.TaskExecStarted{ContainerID: b.id, ExecID: r.ExecID, Pid: b.vmmPid()})
 	}
@@ -177,6 +195,9 @@ func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.
 func (s *service) startProcess(ctx context.Context, b *box, p *process) error {
 	c := b.sb.Agent()
 	if p.execID == "" {
+		if err := b.startNetwork(ctx); err != nil {
+			return err
+		}
 		if _, err := c.StartContainer(ctx, &api.ContainerRequest{Id: b.id}); err != nil {
 			return fmt.Errorf("start %s: %w", b.id, errgrpc.ToNative(err))
 		}
@@ -228,6 +249,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 		s.mu.Lock()
 		s.box, s.deleted = nil, true
 		s.mu.Unlock()
+		b.runHooks(ctx, hookPoststop)
 		s.events.send(&eventstypes.TaskDelete{ContainerID: b.id, Pid: b.vmmPid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)})
 	}
 	return &taskAPI.DeleteResponse{Pid: b.vmmPid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)}, nil

@@ -39,6 +39,9 @@ const (
 	drainTimeout = 5 * time.Second
 	// loggerReadyTimeout bounds a binary:// logger's start.
 	loggerReadyTimeout = 10 * time.Second
+	// loggerExitTimeout bounds a binary:// logger's exit after SIGTERM
+	// (containerd's runc shim waits 12 s too).
+	loggerExitTimeout = 12 * time.Second
 )
 
 // relay moves one process's stdio between containerd's ends and the guest.
@@ -85,6 +88,12 @@ func (r *relay) openOutputs(ctx context.Context, ns, id string) error {
 	if r.cfg.stdout == "" || err != nil || u.Scheme == "" || u.Scheme == "fifo" {
 		if r.stdout, err = openFifoWriter(ctx, r.cfg.stdout); err != nil {
 			return err
+		}
+		if r.cfg.terminal {
+			// A terminal has one output: containerd's client (and
+			// nerdctl) make no stderr FIFO then, and runc's shim
+			// never opens it.
+			return nil
 		}
 		r.stderr, err = openFifoWriter(ctx, r.cfg.stderr)
 		return err
@@ -263,9 +272,17 @@ func (r *relay) closeOutputs() {
 	})
 }
 
-// close stops the copies and closes containerd's ends; a logger gets EOF and
-// is reaped (bounded).
-func (r *relay) close() {
+// close stops the copies and closes containerd's ends. A binary:// logger
+// gets EOF and SIGTERM, as containerd's runc shim does (nerdctl's logger
+// otherwise waits for the task's exit), and is reaped, SIGKILLed if it has
+// not exited within loggerExitTimeout.
+func (r *relay) close() { r.shut(loggerExitTimeout) }
+
+// abort is close for a process that never ran (a failed create): the
+// logger has nothing to flush and is SIGKILLed and reaped at once.
+func (r *relay) abort() { r.shut(0) }
+
+func (r *relay) shut(grace time.Duration) {
 	r.closeOnce.Do(func() {
 		if r.cancel != nil {
 			r.cancel()
@@ -274,14 +291,21 @@ func (r *relay) close() {
 		if r.stdin != nil {
 			r.stdin.Close()
 		}
-		if r.logger != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), loggerReadyTimeout)
-			defer cancel()
-			if _, err := r.logger.Wait(ctx); err != nil {
-				r.logger.Signal(syscall.SIGKILL)
-				r.logger.Wait(context.Background())
-			}
+		if r.logger == nil {
+			return
 		}
+		if grace > 0 {
+			r.logger.Signal(syscall.SIGTERM)
+			ctx, cancel := context.WithTimeout(context.Background(), grace)
+			_, err := r.logger.Wait(ctx)
+			cancel()
+			if err == nil {
+				return
+			}
+			log.L.WithField("pid", r.logger.Pid()).Warn("logger still running after SIGTERM: killing it")
+		}
+		r.logger.Signal(syscall.SIGKILL)
+		r.logger.Wait(context.Background())
 	})
 }
 

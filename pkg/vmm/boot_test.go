@@ -38,7 +38,7 @@ if [ "$mode" = agent ]; then
 fi
 if [ "$mode" = 9p ]; then
 	/bin/busybox mkdir -p /mnt
-	/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L rootfs /mnt
+	/bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L share /mnt
 	/bin/busybox cat /mnt/marker
 fi
 /bin/busybox reboot -f
@@ -81,7 +81,7 @@ func bootVM(t *testing.T, mode string, shutdown func(context.Context) error) *QE
 		t.Fatal(err)
 	}
 	q, err := NewQEMU(Config{
-		Kernel: kernel, Initrd: initrd, Rootfs: rootfs, StateDir: state,
+		Kernel: kernel, Initrd: initrd, Share: rootfs, StateDir: state,
 		Accel: AccelTCG, KernelArgs: []string{"mode=" + mode}, GuestShutdown: shutdown,
 	})
 	if err != nil {

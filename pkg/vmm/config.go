@@ -50,9 +50,16 @@ type Config struct {
 	Kernel string
 	// Initrd is the guest initramfs. Empty: found by FindInitrd.
 	Initrd string
-	// Rootfs is a host directory shared with the guest over 9p with mount
-	// tag "rootfs". Required.
-	Rootfs string
+	// Share is a host directory shared with the guest over 9p with mount
+	// tag ShareTag: the box's rootfs and volume sources live under it.
+	// Required.
+	Share string
+	// NICs are the VM's network devices, in order (at most maxNICs).
+	NICs []NIC
+	// NetNS, when set, is an open network namespace (a file of nsfs, such
+	// as /proc/<pid>/ns/net or /var/run/netns/<name>) that QEMU is started
+	// in, so that the box's network namespace is the VMM's. nil: ours.
+	NetNS *os.File
 	// StateDir is an existing directory for the sockets, console log and
 	// pid file. Required; it must be short enough for unix socket paths.
 	StateDir string
@@ -102,6 +109,9 @@ func (c *Config) validate() error {
 	if err := c.validateSizes(); err != nil {
 		return err
 	}
+	if err := validateNICs(c.NICs); err != nil {
+		return err
+	}
 	for _, a := range c.KernelArgs {
 		if a == "" || strings.IndexFunc(a, unicode.IsSpace) >= 0 || strings.IndexFunc(a, unicode.IsControl) >= 0 {
 			return invalid("kernel argument %q: one parameter per entry, without spaces", a)
@@ -130,18 +140,18 @@ func (c *Config) validateFiles() error {
 	if c.Initrd, err = FindInitrd(c.Initrd); err != nil {
 		return err
 	}
-	if c.Rootfs == "" {
-		return invalid("rootfs: a directory to share with the guest is required")
+	if c.Share == "" {
+		return invalid("share: a directory to share with the guest is required")
 	}
-	if c.Rootfs, err = filepath.Abs(c.Rootfs); err != nil {
-		return invalid("rootfs %s: %w", c.Rootfs, err)
+	if c.Share, err = filepath.Abs(c.Share); err != nil {
+		return invalid("share %s: %w", c.Share, err)
 	}
-	st, err := os.Stat(c.Rootfs)
+	st, err := os.Stat(c.Share)
 	if err != nil {
-		return classify(errdefs.ErrNotFound, fmt.Errorf("rootfs %s: %w", c.Rootfs, err))
+		return classify(errdefs.ErrNotFound, fmt.Errorf("share %s: %w", c.Share, err))
 	}
 	if !st.IsDir() {
-		return invalid("rootfs %s is not a directory", c.Rootfs)
+		return invalid("share %s is not a directory", c.Share)
 	}
 	return nil
 }

@@ -18,7 +18,7 @@ func validFiles(t *testing.T) Config {
 	c := Config{
 		Kernel:     filepath.Join(dir, KernelName),
 		Initrd:     filepath.Join(dir, InitrdName),
-		Rootfs:     filepath.Join(dir, "rootfs"),
+		Share:      filepath.Join(dir, "rootfs"),
 		StateDir:   filepath.Join(dir, "state"),
 		QEMUBinary: os.Args[0],
 		Accel:      AccelTCG,
@@ -28,7 +28,7 @@ func validFiles(t *testing.T) Config {
 			t.Fatal(err)
 		}
 	}
-	for _, d := range []string{c.Rootfs, c.StateDir} {
+	for _, d := range []string{c.Share, c.StateDir} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -45,7 +45,7 @@ func TestNewQEMUValidation(t *testing.T) {
 	}{
 		{name: "missing kernel", edit: func(t *testing.T, c *Config) { c.Kernel = "/nonexistent/vmlinux" },
 			is: errdefs.ErrNotFound, want: "kernel /nonexistent/vmlinux missing: run make kernel"},
-		{name: "kernel is a directory", edit: func(t *testing.T, c *Config) { c.Kernel = c.Rootfs },
+		{name: "kernel is a directory", edit: func(t *testing.T, c *Config) { c.Kernel = c.Share },
 			is: errdefs.ErrInvalidArgument, want: "is not a regular file: run make kernel"},
 		{name: "missing initrd", edit: func(t *testing.T, c *Config) { c.Initrd = "/nonexistent/initramfs.cpio" },
 			is: errdefs.ErrNotFound, want: "initramfs /nonexistent/initramfs.cpio missing: run make initramfs"},
@@ -53,11 +53,11 @@ func TestNewQEMUValidation(t *testing.T) {
 			is: errdefs.ErrNotFound, want: "qemu-system-x86_64 not found: run make setup"},
 		{name: "explicit qemu missing", edit: func(t *testing.T, c *Config) { c.QEMUBinary = "/nonexistent/qemu" },
 			is: errdefs.ErrNotFound, want: "qemu binary /nonexistent/qemu"},
-		{name: "rootfs required", edit: func(t *testing.T, c *Config) { c.Rootfs = "" },
-			is: errdefs.ErrInvalidArgument, want: "rootfs: a directory to share with the guest is required"},
-		{name: "rootfs missing", edit: func(t *testing.T, c *Config) { c.Rootfs = "/nonexistent/rootfs" },
-			is: errdefs.ErrNotFound, want: "rootfs /nonexistent/rootfs"},
-		{name: "rootfs not a directory", edit: func(t *testing.T, c *Config) { c.Rootfs = c.Kernel },
+		{name: "share required", edit: func(t *testing.T, c *Config) { c.Share = "" },
+			is: errdefs.ErrInvalidArgument, want: "share: a directory to share with the guest is required"},
+		{name: "share missing", edit: func(t *testing.T, c *Config) { c.Share = "/nonexistent/rootfs" },
+			is: errdefs.ErrNotFound, want: "share /nonexistent/rootfs"},
+		{name: "share not a directory", edit: func(t *testing.T, c *Config) { c.Share = c.Kernel },
 			is: errdefs.ErrInvalidArgument, want: "is not a directory"},
 		{name: "state dir required", edit: func(t *testing.T, c *Config) { c.StateDir = "" },
 			is: errdefs.ErrInvalidArgument, want: "state dir is required"},

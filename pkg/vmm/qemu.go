@@ -286,10 +286,20 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	defer w.Close()
 	undo.add(func() { r.Close() })
 
-	cmd := exec.Command(q.cfg.QEMUBinary, qemuArgs(&q.cfg, q.accel, launchFDs{qmp: 3, agent: 4})...)
+	fds := launchFDs{qmp: 3, agent: 4}
+	extra := []*os.File{qmpL, agentL}
+	for _, n := range q.cfg.NICs {
+		fd := -1
+		if n.Tap != nil {
+			fd = 3 + len(extra)
+			extra = append(extra, n.Tap)
+		}
+		fds.taps = append(fds.taps, fd)
+	}
+	cmd := exec.Command(q.cfg.QEMUBinary, qemuArgs(&q.cfg, q.accel, fds)...)
 	cmd.Dir = q.cfg.StateDir
 	cmd.Stdout, cmd.Stderr = w, w
-	cmd.ExtraFiles = []*os.File{qmpL, agentL}
+	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	// The monitor starts in our memory cgroup: count its OOM kills from
 	// before it can allocate anything.
@@ -297,9 +307,9 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	if oerr != nil {
 		log.L.WithError(oerr).Debug("no host OOM counter: a host OOM kill of the vmm reads as a plain SIGKILL")
 	}
-	proc, err := reaper.Default().Start(cmd)
-	if err != nil {
-		return nil, fmt.Errorf("launch %s: %w", q.cfg.QEMUBinary, err)
+	proc, serr := startIn(q.cfg.NetNS, func() (*reaper.Process, error) { return reaper.Default().Start(cmd) })
+	if proc == nil {
+		return nil, fmt.Errorf("launch %s: %w", q.cfg.QEMUBinary, serr)
 	}
 	undo.release()
 	// Written before watch starts, so watch's removal cannot come first.
@@ -310,9 +320,11 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	close(q.launched)
 	go q.watch(proc, r, cons)
 	if err != nil {
-		return proc, fmt.Errorf("pid file: %w", err)
+		err = fmt.Errorf("pid file: %w", err)
 	}
-	return proc, nil
+	// A monitor started on a thread that could not leave its network
+	// namespace is killed by the caller.
+	return proc, errors.Join(serr, err)
 }
 
 // checkNoLiveMonitor refuses to reuse a state dir whose pid file names a

@@ -15,9 +15,9 @@ var baseKernelArgs = []string{"console=ttyS0", "reboot=t", "panic=-1", "quiet"}
 // virtio_mmio.device= entries QEMU appends itself with acpi=off.
 const maxKernelCmdline = 1536
 
-// Names the guest sees: the 9p mount tag of Config.Rootfs and the agent port.
+// Names the guest sees: the 9p mount tag of Config.Share and the agent port.
 const (
-	RootfsTag = "rootfs"
+	ShareTag = "share"
 	// AgentPortName is the virtio-serial port name the guest agent opens
 	// (/sys/class/virtio-ports/*/name).
 	AgentPortName = "agent"
@@ -28,6 +28,9 @@ const (
 type launchFDs struct {
 	qmp   int
 	agent int
+	// taps are the descriptors of the NICs' taps, by NIC index (-1 for a
+	// NIC without one).
+	taps []int
 }
 
 // qemuArgs builds the QEMU command line (without argv[0]) for a validated
@@ -49,8 +52,11 @@ func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
 		"-kernel", c.Kernel,
 		"-initrd", c.Initrd,
 		"-append", kernelCmdline(c.KernelArgs),
-		"-fsdev", "local,id=fs0,path="+escapeOpt(c.Rootfs)+",security_model=none",
-		"-device", "virtio-9p-device,fsdev=fs0,mount_tag="+RootfsTag,
+		// multidevs=remap: the share holds bind mounts of other file
+		// systems (the rootfs, volumes), whose inode numbers would
+		// otherwise collide in the guest.
+		"-fsdev", "local,id=fs0,path="+escapeOpt(c.Share)+",security_model=none,multidevs=remap",
+		"-device", "virtio-9p-device,fsdev=fs0,mount_tag="+ShareTag,
 		// Free page reporting: the guest tells QEMU which pages it freed
 		// and QEMU gives them back to the host, so the VMM's RSS falls
 		// after a workload frees memory instead of staying at its peak.
@@ -61,6 +67,7 @@ func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
 		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(fds.qmp)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 	)
+	args = append(args, nicArgs(c.NICs, func(i int) int { return fds.taps[i] })...)
 	return args
 }
 

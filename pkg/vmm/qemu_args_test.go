@@ -8,7 +8,7 @@ import (
 
 func argsConfig() *Config {
 	return &Config{
-		Kernel: "/k/vmlinux", Initrd: "/k/initramfs.cpio", Rootfs: "/b/rootfs", StateDir: "/s",
+		Kernel: "/k/vmlinux", Initrd: "/k/initramfs.cpio", Share: "/b/rootfs", StateDir: "/s",
 		VCPUs: 1, MemoryMiB: 256,
 	}
 }
@@ -23,8 +23,8 @@ func TestQEMUArgsTCG(t *testing.T) {
 		"-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
 		"-kernel", "/k/vmlinux", "-initrd", "/k/initramfs.cpio",
 		"-append", "console=ttyS0 reboot=t panic=-1 quiet",
-		"-fsdev", "local,id=fs0,path=/b/rootfs,security_model=none",
-		"-device", "virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
+		"-fsdev", "local,id=fs0,path=/b/rootfs,security_model=none,multidevs=remap",
+		"-device", "virtio-9p-device,fsdev=fs0,mount_tag=share",
 		"-device", "virtio-balloon-device,free-page-reporting=on",
 		"-device", "virtio-serial-device",
 		"-chardev", "socket,id=agent,fd=4,server=on,wait=off",
@@ -62,8 +62,8 @@ func TestQEMUArgs(t *testing.T) {
 		{name: "vcpus", edit: func(c *Config) { c.VCPUs = 2 }, flag: "-smp", want: []string{"2"}},
 		{name: "extra kernel args are appended", edit: func(c *Config) { c.KernelArgs = []string{"boxlite.debug=1", "init=/sbin/agent"} },
 			flag: "-append", want: []string{"console=ttyS0 reboot=t panic=-1 quiet boxlite.debug=1 init=/sbin/agent"}},
-		{name: "commas in the rootfs are doubled", edit: func(c *Config) { c.Rootfs = "/b/a,b,,c" },
-			flag: "-fsdev", want: []string{"local,id=fs0,path=/b/a,,b,,,,c,security_model=none"}},
+		{name: "commas in the share are doubled", edit: func(c *Config) { c.Share = "/b/a,b,,c" },
+			flag: "-fsdev", want: []string{"local,id=fs0,path=/b/a,,b,,,,c,security_model=none,multidevs=remap"}},
 		{name: "kernel paths are passed verbatim", edit: func(c *Config) { c.Kernel, c.Initrd = "/k,1/vmlinux", "/k,1/i" },
 			flag: "-kernel", want: []string{"/k,1/vmlinux"}},
 	} {

@@ -359,12 +359,21 @@ type CreateContainerRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// spec is the OCI runtime spec (config.json), at most 1 MiB. root.path is
-	// replaced by the guest mount of rootfs_tag; host-only fields (hooks,
-	// cgroups path, namespace paths) are rewritten by the agent.
+	// replaced by the guest path of rootfs in the share; host-only fields
+	// (hooks, cgroups path, namespace paths) are rewritten by the agent.
 	Spec []byte `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
-	// rootfs_tag is the 9p mount tag under which the host shares the rootfs.
-	RootfsTag     string `protobuf:"bytes,3,opt,name=rootfs_tag,json=rootfsTag,proto3" json:"rootfs_tag,omitempty"`
-	Stdio         *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// share_tag is the 9p mount tag of the box's share: one directory the
+	// host shares with the guest, holding every container's rootfs and bind
+	// mount sources. The agent mounts it once and keeps it.
+	ShareTag string `protobuf:"bytes,3,opt,name=share_tag,json=shareTag,proto3" json:"share_tag,omitempty"`
+	Stdio    *Stdio `protobuf:"bytes,4,opt,name=stdio,proto3" json:"stdio,omitempty"`
+	// rootfs is the container's root directory: a relative path inside the
+	// share (no "..", not absolute).
+	Rootfs string `protobuf:"bytes,5,opt,name=rootfs,proto3" json:"rootfs,omitempty"`
+	// shared_mounts says where the source of each host bind mount of the
+	// spec is in the share. Every bind mount of spec.mounts must be listed:
+	// a host path means nothing in the guest.
+	SharedMounts  []*SharedMount `protobuf:"bytes,6,rep,name=shared_mounts,json=sharedMounts,proto3" json:"shared_mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -413,9 +422,9 @@ func (x *CreateContainerRequest) GetSpec() []byte {
 	return nil
 }
 
-func (x *CreateContainerRequest) GetRootfsTag() string {
+func (x *CreateContainerRequest) GetShareTag() string {
 	if x != nil {
-		return x.RootfsTag
+		return x.ShareTag
 	}
 	return ""
 }
@@ -425,6 +434,381 @@ func (x *CreateContainerRequest) GetStdio() *Stdio {
 		return x.Stdio
 	}
 	return nil
+}
+
+func (x *CreateContainerRequest) GetRootfs() string {
+	if x != nil {
+		return x.Rootfs
+	}
+	return ""
+}
+
+func (x *CreateContainerRequest) GetSharedMounts() []*SharedMount {
+	if x != nil {
+		return x.SharedMounts
+	}
+	return nil
+}
+
+type SharedMount struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// index of the mount in spec.mounts.
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// path of the mount's source inside the share (relative, no "..").
+	Path          string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SharedMount) Reset() {
+	*x = SharedMount{}
+	mi := &file_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SharedMount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SharedMount) ProtoMessage() {}
+
+func (x *SharedMount) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SharedMount.ProtoReflect.Descriptor instead.
+func (*SharedMount) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SharedMount) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *SharedMount) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+type ConfigureNetworkRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the created container whose network namespace receives the
+	// interfaces.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// interfaces, at most 16.
+	Interfaces []*Interface `protobuf:"bytes,2,rep,name=interfaces,proto3" json:"interfaces,omitempty"`
+	// routes, at most 256, added after every interface is up: routes
+	// without a gateway (link scope) before routes through one.
+	Routes []*Route `protobuf:"bytes,3,rep,name=routes,proto3" json:"routes,omitempty"`
+	// neighbors are static (permanent) neighbour entries, at most 256.
+	Neighbors     []*Neighbor `protobuf:"bytes,4,rep,name=neighbors,proto3" json:"neighbors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfigureNetworkRequest) Reset() {
+	*x = ConfigureNetworkRequest{}
+	mi := &file_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfigureNetworkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfigureNetworkRequest) ProtoMessage() {}
+
+func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfigureNetworkRequest.ProtoReflect.Descriptor instead.
+func (*ConfigureNetworkRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ConfigureNetworkRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ConfigureNetworkRequest) GetInterfaces() []*Interface {
+	if x != nil {
+		return x.Interfaces
+	}
+	return nil
+}
+
+func (x *ConfigureNetworkRequest) GetRoutes() []*Route {
+	if x != nil {
+		return x.Routes
+	}
+	return nil
+}
+
+func (x *ConfigureNetworkRequest) GetNeighbors() []*Neighbor {
+	if x != nil {
+		return x.Neighbors
+	}
+	return nil
+}
+
+type Interface struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// device_mac is the MAC address the VMM gave the NIC: how the guest
+	// finds it ("52:54:00:12:34:56").
+	DeviceMac string `protobuf:"bytes,1,opt,name=device_mac,json=deviceMac,proto3" json:"device_mac,omitempty"`
+	// name is the interface name in the container (at most 15 bytes).
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// mac is the MAC address to set; empty keeps device_mac.
+	Mac string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	// mtu to set; 0 keeps the device's.
+	Mtu uint32 `protobuf:"varint,4,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// addresses in CIDR notation ("10.4.0.2/24", "fd00::2/64").
+	Addresses     []string `protobuf:"bytes,5,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Interface) Reset() {
+	*x = Interface{}
+	mi := &file_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Interface) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Interface) ProtoMessage() {}
+
+func (x *Interface) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Interface.ProtoReflect.Descriptor instead.
+func (*Interface) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *Interface) GetDeviceMac() string {
+	if x != nil {
+		return x.DeviceMac
+	}
+	return ""
+}
+
+func (x *Interface) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Interface) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *Interface) GetMtu() uint32 {
+	if x != nil {
+		return x.Mtu
+	}
+	return 0
+}
+
+func (x *Interface) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+type Route struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// dest in CIDR notation; empty is the default route of gateway's family.
+	Dest string `protobuf:"bytes,1,opt,name=dest,proto3" json:"dest,omitempty"`
+	// gateway address; empty for a route straight onto the link.
+	Gateway string `protobuf:"bytes,2,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// device is the interface name (Interface.name).
+	Device string `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	// source is the preferred source address; empty for none.
+	Source string `protobuf:"bytes,4,opt,name=source,proto3" json:"source,omitempty"`
+	// metric (priority); 0 for the kernel's default.
+	Metric uint32 `protobuf:"varint,5,opt,name=metric,proto3" json:"metric,omitempty"`
+	// scope is the route's scope (0 universe, 253 link; 254 host).
+	Scope         uint32 `protobuf:"varint,6,opt,name=scope,proto3" json:"scope,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Route) Reset() {
+	*x = Route{}
+	mi := &file_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Route) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Route) ProtoMessage() {}
+
+func (x *Route) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Route.ProtoReflect.Descriptor instead.
+func (*Route) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Route) GetDest() string {
+	if x != nil {
+		return x.Dest
+	}
+	return ""
+}
+
+func (x *Route) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *Route) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *Route) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *Route) GetMetric() uint32 {
+	if x != nil {
+		return x.Metric
+	}
+	return 0
+}
+
+func (x *Route) GetScope() uint32 {
+	if x != nil {
+		return x.Scope
+	}
+	return 0
+}
+
+type Neighbor struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ip address and mac of the neighbour on device (Interface.name).
+	Ip            string `protobuf:"bytes,1,opt,name=ip,proto3" json:"ip,omitempty"`
+	Mac           string `protobuf:"bytes,2,opt,name=mac,proto3" json:"mac,omitempty"`
+	Device        string `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Neighbor) Reset() {
+	*x = Neighbor{}
+	mi := &file_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Neighbor) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Neighbor) ProtoMessage() {}
+
+func (x *Neighbor) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
+func (*Neighbor) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Neighbor) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *Neighbor) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *Neighbor) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
 }
 
 type CreateContainerResponse struct {
@@ -437,7 +821,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +833,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +846,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -481,7 +865,7 @@ type ContainerRequest struct {
 
 func (x *ContainerRequest) Reset() {
 	*x = ContainerRequest{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -493,7 +877,7 @@ func (x *ContainerRequest) String() string {
 func (*ContainerRequest) ProtoMessage() {}
 
 func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -506,7 +890,7 @@ func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRequest.ProtoReflect.Descriptor instead.
 func (*ContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ContainerRequest) GetId() string {
@@ -526,7 +910,7 @@ type ProcessRequest struct {
 
 func (x *ProcessRequest) Reset() {
 	*x = ProcessRequest{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -538,7 +922,7 @@ func (x *ProcessRequest) String() string {
 func (*ProcessRequest) ProtoMessage() {}
 
 func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -551,7 +935,7 @@ func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRequest.ProtoReflect.Descriptor instead.
 func (*ProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProcessRequest) GetId() string {
@@ -577,7 +961,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +973,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +986,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -625,7 +1009,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -637,7 +1021,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -650,7 +1034,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ExecProcessRequest) GetId() string {
@@ -690,7 +1074,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +1086,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +1099,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -738,7 +1122,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -750,7 +1134,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -763,7 +1147,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SignalProcessRequest) GetId() string {
@@ -806,7 +1190,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +1202,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +1215,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *WaitProcessRequest) GetId() string {
@@ -871,7 +1255,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -883,7 +1267,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -896,7 +1280,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WaitProcessResponse) GetExited() bool {
@@ -937,7 +1321,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1333,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1346,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeleteContainerRequest) GetId() string {
@@ -991,7 +1375,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1387,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1400,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StateResponse) GetId() string {
@@ -1049,7 +1433,7 @@ type ListPidsResponse struct {
 
 func (x *ListPidsResponse) Reset() {
 	*x = ListPidsResponse{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +1445,7 @@ func (x *ListPidsResponse) String() string {
 func (*ListPidsResponse) ProtoMessage() {}
 
 func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +1458,7 @@ func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPidsResponse.ProtoReflect.Descriptor instead.
 func (*ListPidsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListPidsResponse) GetPids() []uint32 {
@@ -1095,7 +1479,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1491,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1504,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatsResponse) GetMetrics() []byte {
@@ -1147,7 +1531,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1543,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1556,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReadStdioRequest) GetId() string {
@@ -1229,7 +1613,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1241,7 +1625,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1254,7 +1638,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReadStdioResponse) GetData() []byte {
@@ -1286,7 +1670,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1298,7 +1682,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1311,7 +1695,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WriteStdinRequest) GetId() string {
@@ -1352,7 +1736,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1748,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1761,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WriteStdinResponse) GetWritten() uint64 {
@@ -1397,7 +1781,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1409,7 +1793,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1422,7 +1806,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CloseStdinRequest) GetId() string {
@@ -1451,7 +1835,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1463,7 +1847,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1476,7 +1860,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ResizePtyRequest) GetId() string {
@@ -1517,7 +1901,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1913,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1926,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *EventsRequest) GetAfter() uint64 {
@@ -1574,7 +1958,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1586,7 +1970,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1599,7 +1983,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Event) GetSeq() uint64 {
@@ -1664,7 +2048,7 @@ type EventsResponse struct {
 
 func (x *EventsResponse) Reset() {
 	*x = EventsResponse{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +2060,7 @@ func (x *EventsResponse) String() string {
 func (*EventsResponse) ProtoMessage() {}
 
 func (x *EventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +2073,7 @@ func (x *EventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsResponse.ProtoReflect.Descriptor instead.
 func (*EventsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *EventsResponse) GetEvents() []*Event {
@@ -1723,13 +2107,42 @@ const file_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\bR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\bR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\x8a\x01\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xe4\x01\n" +
 	"\x16CreateContainerRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
-	"\x04spec\x18\x02 \x01(\fR\x04spec\x12\x1d\n" +
+	"\x04spec\x18\x02 \x01(\fR\x04spec\x12\x1b\n" +
+	"\tshare_tag\x18\x03 \x01(\tR\bshareTag\x12-\n" +
+	"\x05stdio\x18\x04 \x01(\v2\x17.boxlite.agent.v1.StdioR\x05stdio\x12\x16\n" +
+	"\x06rootfs\x18\x05 \x01(\tR\x06rootfs\x12B\n" +
+	"\rshared_mounts\x18\x06 \x03(\v2\x1d.boxlite.agent.v1.SharedMountR\fsharedMounts\"7\n" +
+	"\vSharedMount\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xd1\x01\n" +
+	"\x17ConfigureNetworkRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\n" +
-	"rootfs_tag\x18\x03 \x01(\tR\trootfsTag\x12-\n" +
-	"\x05stdio\x18\x04 \x01(\v2\x17.boxlite.agent.v1.StdioR\x05stdio\"+\n" +
+	"interfaces\x18\x02 \x03(\v2\x1b.boxlite.agent.v1.InterfaceR\n" +
+	"interfaces\x12/\n" +
+	"\x06routes\x18\x03 \x03(\v2\x17.boxlite.agent.v1.RouteR\x06routes\x128\n" +
+	"\tneighbors\x18\x04 \x03(\v2\x1a.boxlite.agent.v1.NeighborR\tneighbors\"\x80\x01\n" +
+	"\tInterface\x12\x1d\n" +
+	"\n" +
+	"device_mac\x18\x01 \x01(\tR\tdeviceMac\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x10\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\x12\x10\n" +
+	"\x03mtu\x18\x04 \x01(\rR\x03mtu\x12\x1c\n" +
+	"\taddresses\x18\x05 \x03(\tR\taddresses\"\x93\x01\n" +
+	"\x05Route\x12\x12\n" +
+	"\x04dest\x18\x01 \x01(\tR\x04dest\x12\x18\n" +
+	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\x12\x16\n" +
+	"\x06source\x18\x04 \x01(\tR\x06source\x12\x16\n" +
+	"\x06metric\x18\x05 \x01(\rR\x06metric\x12\x14\n" +
+	"\x05scope\x18\x06 \x01(\rR\x05scope\"D\n" +
+	"\bNeighbor\x12\x0e\n" +
+	"\x02ip\x18\x01 \x01(\tR\x02ip\x12\x10\n" +
+	"\x03mac\x18\x02 \x01(\tR\x03mac\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\"+\n" +
 	"\x17CreateContainerResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\rR\x03pid\"\"\n" +
 	"\x10ContainerRequest\x12\x0e\n" +
@@ -1822,10 +2235,11 @@ const file_agent_proto_rawDesc = "" +
 	"\tEventKind\x12\x11\n" +
 	"\rEVENT_UNKNOWN\x10\x00\x12\b\n" +
 	"\x04EXIT\x10\x01\x12\a\n" +
-	"\x03OOM\x10\x022\x8f\f\n" +
+	"\x03OOM\x10\x022\xe7\f\n" +
 	"\x05Agent\x12E\n" +
 	"\x04Ping\x12\x1d.boxlite.agent.v1.PingRequest\x1a\x1e.boxlite.agent.v1.PingResponse\x12f\n" +
-	"\x0fCreateContainer\x12(.boxlite.agent.v1.CreateContainerRequest\x1a).boxlite.agent.v1.CreateContainerResponse\x12^\n" +
+	"\x0fCreateContainer\x12(.boxlite.agent.v1.CreateContainerRequest\x1a).boxlite.agent.v1.CreateContainerResponse\x12V\n" +
+	"\x10ConfigureNetwork\x12).boxlite.agent.v1.ConfigureNetworkRequest\x1a\x17.boxlite.agent.v1.Empty\x12^\n" +
 	"\x0eStartContainer\x12\".boxlite.agent.v1.ContainerRequest\x1a(.boxlite.agent.v1.StartContainerResponse\x12Z\n" +
 	"\vExecProcess\x12$.boxlite.agent.v1.ExecProcessRequest\x1a%.boxlite.agent.v1.ExecProcessResponse\x12P\n" +
 	"\rSignalProcess\x12&.boxlite.agent.v1.SignalProcessRequest\x1a\x17.boxlite.agent.v1.Empty\x12Z\n" +
@@ -1859,7 +2273,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: boxlite.agent.v1.StdioStream
 	(EventKind)(0),                  // 1: boxlite.agent.v1.EventKind
@@ -1868,78 +2282,89 @@ var file_agent_proto_goTypes = []any{
 	(*PingResponse)(nil),            // 4: boxlite.agent.v1.PingResponse
 	(*Stdio)(nil),                   // 5: boxlite.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 6: boxlite.agent.v1.CreateContainerRequest
-	(*CreateContainerResponse)(nil), // 7: boxlite.agent.v1.CreateContainerResponse
-	(*ContainerRequest)(nil),        // 8: boxlite.agent.v1.ContainerRequest
-	(*ProcessRequest)(nil),          // 9: boxlite.agent.v1.ProcessRequest
-	(*StartContainerResponse)(nil),  // 10: boxlite.agent.v1.StartContainerResponse
-	(*ExecProcessRequest)(nil),      // 11: boxlite.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 12: boxlite.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 13: boxlite.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 14: boxlite.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 15: boxlite.agent.v1.WaitProcessResponse
-	(*DeleteContainerRequest)(nil),  // 16: boxlite.agent.v1.DeleteContainerRequest
-	(*StateResponse)(nil),           // 17: boxlite.agent.v1.StateResponse
-	(*ListPidsResponse)(nil),        // 18: boxlite.agent.v1.ListPidsResponse
-	(*StatsResponse)(nil),           // 19: boxlite.agent.v1.StatsResponse
-	(*ReadStdioRequest)(nil),        // 20: boxlite.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),       // 21: boxlite.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),       // 22: boxlite.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),      // 23: boxlite.agent.v1.WriteStdinResponse
-	(*CloseStdinRequest)(nil),       // 24: boxlite.agent.v1.CloseStdinRequest
-	(*ResizePtyRequest)(nil),        // 25: boxlite.agent.v1.ResizePtyRequest
-	(*EventsRequest)(nil),           // 26: boxlite.agent.v1.EventsRequest
-	(*Event)(nil),                   // 27: boxlite.agent.v1.Event
-	(*EventsResponse)(nil),          // 28: boxlite.agent.v1.EventsResponse
+	(*SharedMount)(nil),             // 7: boxlite.agent.v1.SharedMount
+	(*ConfigureNetworkRequest)(nil), // 8: boxlite.agent.v1.ConfigureNetworkRequest
+	(*Interface)(nil),               // 9: boxlite.agent.v1.Interface
+	(*Route)(nil),                   // 10: boxlite.agent.v1.Route
+	(*Neighbor)(nil),                // 11: boxlite.agent.v1.Neighbor
+	(*CreateContainerResponse)(nil), // 12: boxlite.agent.v1.CreateContainerResponse
+	(*ContainerRequest)(nil),        // 13: boxlite.agent.v1.ContainerRequest
+	(*ProcessRequest)(nil),          // 14: boxlite.agent.v1.ProcessRequest
+	(*StartContainerResponse)(nil),  // 15: boxlite.agent.v1.StartContainerResponse
+	(*ExecProcessRequest)(nil),      // 16: boxlite.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 17: boxlite.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 18: boxlite.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 19: boxlite.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 20: boxlite.agent.v1.WaitProcessResponse
+	(*DeleteContainerRequest)(nil),  // 21: boxlite.agent.v1.DeleteContainerRequest
+	(*StateResponse)(nil),           // 22: boxlite.agent.v1.StateResponse
+	(*ListPidsResponse)(nil),        // 23: boxlite.agent.v1.ListPidsResponse
+	(*StatsResponse)(nil),           // 24: boxlite.agent.v1.StatsResponse
+	(*ReadStdioRequest)(nil),        // 25: boxlite.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),       // 26: boxlite.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),       // 27: boxlite.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),      // 28: boxlite.agent.v1.WriteStdinResponse
+	(*CloseStdinRequest)(nil),       // 29: boxlite.agent.v1.CloseStdinRequest
+	(*ResizePtyRequest)(nil),        // 30: boxlite.agent.v1.ResizePtyRequest
+	(*EventsRequest)(nil),           // 31: boxlite.agent.v1.EventsRequest
+	(*Event)(nil),                   // 32: boxlite.agent.v1.Event
+	(*EventsResponse)(nil),          // 33: boxlite.agent.v1.EventsResponse
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: boxlite.agent.v1.CreateContainerRequest.stdio:type_name -> boxlite.agent.v1.Stdio
-	5,  // 1: boxlite.agent.v1.ExecProcessRequest.stdio:type_name -> boxlite.agent.v1.Stdio
-	0,  // 2: boxlite.agent.v1.ReadStdioRequest.stream:type_name -> boxlite.agent.v1.StdioStream
-	1,  // 3: boxlite.agent.v1.Event.kind:type_name -> boxlite.agent.v1.EventKind
-	27, // 4: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
-	3,  // 5: boxlite.agent.v1.Agent.Ping:input_type -> boxlite.agent.v1.PingRequest
-	6,  // 6: boxlite.agent.v1.Agent.CreateContainer:input_type -> boxlite.agent.v1.CreateContainerRequest
-	8,  // 7: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
-	11, // 8: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
-	13, // 9: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
-	14, // 10: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
-	9,  // 11: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
-	16, // 12: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
-	8,  // 13: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
-	8,  // 14: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
-	8,  // 15: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
-	8,  // 16: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
-	8,  // 17: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
-	20, // 18: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
-	22, // 19: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
-	24, // 20: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
-	25, // 21: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
-	26, // 22: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
-	2,  // 23: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
-	4,  // 24: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
-	7,  // 25: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
-	10, // 26: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
-	12, // 27: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
-	2,  // 28: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
-	15, // 29: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
-	2,  // 30: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
-	2,  // 31: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
-	17, // 32: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
-	18, // 33: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
-	2,  // 34: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
-	2,  // 35: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
-	19, // 36: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
-	21, // 37: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
-	23, // 38: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
-	2,  // 39: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
-	2,  // 40: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
-	28, // 41: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
-	2,  // 42: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
-	24, // [24:43] is the sub-list for method output_type
-	5,  // [5:24] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	7,  // 1: boxlite.agent.v1.CreateContainerRequest.shared_mounts:type_name -> boxlite.agent.v1.SharedMount
+	9,  // 2: boxlite.agent.v1.ConfigureNetworkRequest.interfaces:type_name -> boxlite.agent.v1.Interface
+	10, // 3: boxlite.agent.v1.ConfigureNetworkRequest.routes:type_name -> boxlite.agent.v1.Route
+	11, // 4: boxlite.agent.v1.ConfigureNetworkRequest.neighbors:type_name -> boxlite.agent.v1.Neighbor
+	5,  // 5: boxlite.agent.v1.ExecProcessRequest.stdio:type_name -> boxlite.agent.v1.Stdio
+	0,  // 6: boxlite.agent.v1.ReadStdioRequest.stream:type_name -> boxlite.agent.v1.StdioStream
+	1,  // 7: boxlite.agent.v1.Event.kind:type_name -> boxlite.agent.v1.EventKind
+	32, // 8: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
+	3,  // 9: boxlite.agent.v1.Agent.Ping:input_type -> boxlite.agent.v1.PingRequest
+	6,  // 10: boxlite.agent.v1.Agent.CreateContainer:input_type -> boxlite.agent.v1.CreateContainerRequest
+	8,  // 11: boxlite.agent.v1.Agent.ConfigureNetwork:input_type -> boxlite.agent.v1.ConfigureNetworkRequest
+	13, // 12: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
+	16, // 13: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
+	18, // 14: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
+	19, // 15: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
+	14, // 16: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
+	21, // 17: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
+	13, // 18: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
+	13, // 19: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
+	13, // 20: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
+	13, // 21: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
+	13, // 22: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
+	25, // 23: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
+	27, // 24: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
+	29, // 25: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
+	30, // 26: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
+	31, // 27: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
+	2,  // 28: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
+	4,  // 29: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
+	12, // 30: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
+	2,  // 31: boxlite.agent.v1.Agent.ConfigureNetwork:output_type -> boxlite.agent.v1.Empty
+	15, // 32: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
+	17, // 33: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
+	2,  // 34: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
+	20, // 35: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
+	2,  // 36: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
+	2,  // 37: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
+	22, // 38: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
+	23, // 39: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
+	2,  // 40: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
+	2,  // 41: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
+	24, // 42: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
+	26, // 43: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
+	28, // 44: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
+	2,  // 45: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
+	2,  // 46: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
+	33, // 47: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
+	2,  // 48: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
+	29, // [29:49] is the sub-list for method output_type
+	9,  // [9:29] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -1953,7 +2378,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -10,6 +10,7 @@ import (
 type AgentService interface {
 	Ping(context.Context, *PingRequest) (*PingResponse, error)
 	CreateContainer(context.Context, *CreateContainerRequest) (*CreateContainerResponse, error)
+	ConfigureNetwork(context.Context, *ConfigureNetworkRequest) (*Empty, error)
 	StartContainer(context.Context, *ContainerRequest) (*StartContainerResponse, error)
 	ExecProcess(context.Context, *ExecProcessRequest) (*ExecProcessResponse, error)
 	SignalProcess(context.Context, *SignalProcessRequest) (*Empty, error)
@@ -45,6 +46,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.CreateContainer(ctx, &req)
+			},
+			"ConfigureNetwork": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ConfigureNetworkRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ConfigureNetwork(ctx, &req)
 			},
 			"StartContainer": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ContainerRequest
@@ -190,6 +198,14 @@ func (c *agentClient) Ping(ctx context.Context, req *PingRequest) (*PingResponse
 func (c *agentClient) CreateContainer(ctx context.Context, req *CreateContainerRequest) (*CreateContainerResponse, error) {
 	var resp CreateContainerResponse
 	if err := c.client.Call(ctx, "boxlite.agent.v1.Agent", "CreateContainer", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ConfigureNetwork(ctx context.Context, req *ConfigureNetworkRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "boxlite.agent.v1.Agent", "ConfigureNetwork", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

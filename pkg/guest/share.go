@@ -1,0 +1,137 @@
+package guest
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
+)
+
+// shareDir is where share tag is mounted.
+func (a *Agent) shareDir(tag string) string { return filepath.Join(a.cfg.stateDir, "shares", tag) }
+
+// share returns where share tag is mounted, mounting it on first use. A 9p
+// share can be mounted once: every container of the box takes its rootfs
+// and bind mount sources from this one mount.
+func (a *Agent) share(tag string) (string, error) {
+	if err := validateID("share tag", tag); err != nil {
+		return "", err
+	}
+	a.shareMu.Lock()
+	defer a.shareMu.Unlock()
+	dir := a.shareDir(tag)
+	if a.shares[tag] {
+		return dir, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	if err := mount9p(tag, dir); err != nil {
+		os.Remove(dir)
+		return "", err
+	}
+	a.shares[tag] = true
+	return dir, nil
+}
+
+// sharePath returns the guest path of rel inside the share mounted at dir.
+// rel must be a local path: relative, without "..", not empty.
+func sharePath(dir, what, rel string) (string, error) {
+	if !filepath.IsLocal(rel) {
+		return "", fmt.Errorf("%s %q must be a relative path inside the share: %w", what, rel, errdefs.ErrInvalidArgument)
+	}
+	return filepath.Join(dir, rel), nil
+}
+
+// bindRootfs bind-mounts the rootfs directory src (in the share) on target.
+func bindRootfs(src, target string) error {
+	st, err := os.Stat(src)
+	if err != nil {
+		return fmt.Errorf("rootfs %s in the share: %w", src, errdefs.ErrNotFound)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("rootfs %s in the share is not a directory: %w", src, errdefs.ErrInvalidArgument)
+	}
+	if err := unix.Mount(src, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind rootfs %s on %s: %w", src, target, err)
+	}
+	return nil
+}
+
+// sharedSources maps each listed spec mount (by index) to its source in the
+// share mounted at dir.
+func sharedSources(dir string, mounts []*api.SharedMount) (map[int]string, error) {
+	out := make(map[int]string, len(mounts))
+	for _, m := range mounts {
+		p, err := sharePath(dir, fmt.Sprintf("shared mount %d path", m.GetIndex()), m.GetPath())
+		if err != nil {
+			return nil, err
+		}
+		if _, dup := out[int(m.GetIndex())]; dup {
+			return nil, fmt.Errorf("mount %d is shared twice: %w", m.GetIndex(), errdefs.ErrInvalidArgument)
+		}
+		out[int(m.GetIndex())] = p
+	}
+	return out, nil
+}
+
+// isBind says a spec mount is a bind mount: of type bind, or with the bind
+// or rbind option (the type may then be anything, even empty).
+func isBind(typ string, options []string) bool {
+	return typ == "bind" || slices.Contains(options, "bind") || slices.Contains(options, "rbind")
+}
+
+// rewriteMounts sets the source of every bind mount in mounts (the spec's
+// "mounts" array) to its place in the share. A bind mount the host did not
+// share names a host path, which means nothing here: it is an error, as is
+// a shared index that is not a bind mount.
+func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string) error {
+	raw, ok := doc["mounts"]
+	if !ok || string(raw) == "null" {
+		if len(shared) > 0 {
+			return fmt.Errorf("%d shared mounts but the spec has no mounts: %w", len(shared), errdefs.ErrInvalidArgument)
+		}
+		return nil
+	}
+	var mounts []map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &mounts); err != nil {
+		return fmt.Errorf("spec mounts is not a list of objects: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	for i := range shared {
+		if i < 0 || i >= len(mounts) {
+			return fmt.Errorf("shared mount %d: the spec has %d mounts: %w", i, len(mounts), errdefs.ErrInvalidArgument)
+		}
+	}
+	for i, m := range mounts {
+		var typ, dst string
+		var opts []string
+		_ = json.Unmarshal(m["type"], &typ)
+		_ = json.Unmarshal(m["destination"], &dst)
+		if err := json.Unmarshal(m["options"], &opts); m["options"] != nil && err != nil {
+			return fmt.Errorf("spec mount %d options: %v: %w", i, err, errdefs.ErrInvalidArgument)
+		}
+		src, listed := shared[i]
+		switch {
+		case listed && !isBind(typ, opts):
+			return fmt.Errorf("shared mount %d (%s) is not a bind mount: %w", i, dst, errdefs.ErrInvalidArgument)
+		case !listed && isBind(typ, opts):
+			return fmt.Errorf("bind mount %d (%s) names a host path the host did not share: %w", i, dst, errdefs.ErrInvalidArgument)
+		case listed:
+			if err := setField(m, "source", src); err != nil {
+				return err
+			}
+		}
+	}
+	out, err := json.Marshal(mounts)
+	if err != nil {
+		return fmt.Errorf("encode mounts: %w", err)
+	}
+	doc["mounts"] = out
+	return nil
+}

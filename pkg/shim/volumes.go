@@ -1,0 +1,76 @@
+package shim
+
+import (
+	"fmt"
+	"path"
+	"slices"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/share"
+)
+
+// shareDirName is the box's share, in its VM state directory.
+const shareDirName = "share"
+
+// boxShare is what a container takes from the box's share: its rootfs and
+// the sources of its bind mounts, as paths inside the share.
+type boxShare struct {
+	// rootfs is the rootfs's path in the share.
+	rootfs string
+	// mounts are the spec's bind mounts, by index, in the share.
+	mounts []*api.SharedMount
+}
+
+// shareContainer binds container id's rootfs and the source of every bind
+// mount of its spec into the share: under c/<id>/ the rootfs as "rootfs"
+// and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts, mqueue,
+// cgroup...) are made in the guest and need nothing from the host. A bind
+// mount is recursive on the host side when its options say rbind, and
+// read-only there too when they say ro, so even QEMU cannot write through
+// it.
+func shareContainer(sh *share.Share, id, rootfs string, spec *specs.Spec) (*boxShare, error) {
+	dir := path.Join("c", id)
+	out := &boxShare{rootfs: path.Join(dir, "rootfs")}
+	if err := sh.Add(share.Bind{Source: rootfs, Path: out.rootfs, Recursive: true}); err != nil {
+		return nil, fmt.Errorf("share rootfs: %w", err)
+	}
+	for i, m := range spec.Mounts {
+		if !isBindMount(m) {
+			continue
+		}
+		p := path.Join(dir, fmt.Sprintf("m%d", i))
+		b := share.Bind{
+			Source:    m.Source,
+			Path:      p,
+			Recursive: slices.Contains(m.Options, "rbind"),
+			ReadOnly:  readOnly(m.Options),
+		}
+		if err := sh.Add(b); err != nil {
+			return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
+		}
+		out.mounts = append(out.mounts, &api.SharedMount{Index: uint32(i), Path: p})
+	}
+	return out, nil
+}
+
+// isBindMount says a spec mount is a bind mount of a host path: of type
+// bind, or with the bind or rbind option (runc's rule).
+func isBindMount(m specs.Mount) bool {
+	return m.Type == "bind" || slices.Contains(m.Options, "bind") || slices.Contains(m.Options, "rbind")
+}
+
+// readOnly says mount options end up read-only: the last of ro and rw wins.
+func readOnly(options []string) bool {
+	ro := false
+	for _, o := range options {
+		switch o {
+		case "ro":
+			ro = true
+		case "rw":
+			ro = false
+		}
+	}
+	return ro
+}
