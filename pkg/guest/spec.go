@@ -13,13 +13,16 @@ const (
 	maxSpecSize = 1 << 20
 	// maxProcessSize bounds ExecProcessRequest.process.
 	maxProcessSize = 256 << 10
-	// maxIDLength bounds container, exec and tag names.
-	maxIDLength = 64
+	// maxIDLength bounds container, exec and tag names. containerd allows
+	// 76 characters and nerdctl's exec ids have 69 ("exec-" and 64 hex
+	// digits); the names become path elements (NAME_MAX is 255), so the
+	// bound is generous but keeps "exec-<id>.pid" far below NAME_MAX.
+	maxIDLength = 128
 )
 
 // validateID checks that id is a safe name for a container, an exec or a
-// mount tag: 1 to 64 characters of [A-Za-z0-9_.-], and not "." or "..", so it
-// can be used as a path element.
+// mount tag: 1 to maxIDLength characters of [A-Za-z0-9_.-], and not "." or
+// "..", so it can be used as a path element.
 func validateID(kind, id string) error {
 	if id == "" || len(id) > maxIDLength {
 		return fmt.Errorf("%s %q must be 1 to %d characters: %w", kind, id, maxIDLength, errdefs.ErrInvalidArgument)

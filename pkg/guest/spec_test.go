@@ -106,7 +106,12 @@ func TestValidateID(t *testing.T) {
 		{"c1", true},
 		{"A-b_c.9", true},
 		{strings.Repeat("a", 64), true},
-		{strings.Repeat("a", 65), false},
+		// nerdctl's exec ids: "exec-" and 64 hex digits. Verified
+		// two-sided: refused with the old bound of 64.
+		{"exec-" + strings.Repeat("0123abcd", 8), true},
+		{strings.Repeat("a", 76), true},
+		{strings.Repeat("a", 128), true},
+		{strings.Repeat("a", 129), false},
 		{"", false},
 		{".", false},
 		{"..", false},
