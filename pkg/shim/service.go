@@ -210,7 +210,8 @@ func (s *service) startProcess(ctx context.Context, b *box, p *process) error {
 	if _, err := c.ExecProcess(ctx, &api.ExecProcessRequest{
 		Id: b.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
 	}); err != nil {
-		rl.close()
+		// The exec never ran: its logger has nothing to flush.
+		rl.abort()
 		return fmt.Errorf("exec %s in %s: %w", p.execID, b.id, errgrpc.ToNative(err))
 	}
 	p.setRelay(rl)

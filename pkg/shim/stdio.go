@@ -67,7 +67,9 @@ func openRelay(ctx context.Context, cfg stdioConfig, ns, id string) (_ *relay, r
 	r := &relay{cfg: cfg, outDone: make(chan struct{}), inDone: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
-			r.close()
+			// Nothing ran: a binary:// logger has nothing to flush
+			// and is killed at once, as containerd's shim does.
+			r.abort()
 		}
 	}()
 	if err := r.openOutputs(ctx, ns, id); err != nil {
