@@ -33,6 +33,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
+	"github.com/boxlite/boxlite/pkg/netns"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -123,6 +124,9 @@ type containerd struct {
 	config string
 	// logPath receives the daemon's (and its shims') log.
 	logPath string
+	// netnsPath, if set, is the network namespace the daemon (and so its
+	// shims, their VMMs and the hooks they run) is started in.
+	netnsPath string
 
 	// mu guards proc and client.
 	mu sync.Mutex
@@ -135,9 +139,19 @@ type containerd struct {
 	ids []string
 }
 
+// containerdOption configures startContainerd.
+type containerdOption func(*containerd)
+
+// inNetNS starts the daemon in the network namespace at path (only that
+// namespace: its mounts stay ours, so the leak check sees them). Shims,
+// their VMMs and the OCI hooks they run inherit it.
+func inNetNS(path string) containerdOption {
+	return func(c *containerd) { c.netnsPath = path }
+}
+
 // startContainerd starts a private containerd, imports the test images and
 // registers its stop and the leak assertion as the test's cleanup.
-func startContainerd(t testing.TB) *containerd {
+func startContainerd(t testing.TB, opts ...containerdOption) *containerd {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(repoRoot, "bin", shimBinary)); err != nil {
 		t.Fatalf("%s missing: run make build", filepath.Join(repoRoot, "bin", shimBinary))
@@ -154,6 +168,9 @@ func startContainerd(t testing.TB) *containerd {
 	c := &containerd{
 		dir: dir, addr: filepath.Join(dir, "c.sock"), bin: bin,
 		config: filepath.Join(dir, "config.toml"), logPath: filepath.Join(dir, "containerd.log"),
+	}
+	for _, o := range opts {
+		o(c)
 	}
 	config := containerdConfig(dir)
 	if os.Getenv("BOXLITE_CONTAINERD_DEBUG") != "" {
@@ -232,7 +249,7 @@ func (c *containerd) start(t testing.TB) {
 	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(repoRoot, "bin")+":"+c.bin+":"+os.Getenv("PATH"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = c.dir
-	p, err := reaper.Default().Start(cmd)
+	p, err := startInNetNS(c.netnsPath, cmd)
 	if err != nil {
 		t.Fatalf("start containerd: %v", err)
 	}
@@ -267,6 +284,27 @@ func (c *containerd) start(t testing.TB) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// startInNetNS starts cmd through the reaper from a thread inside the
+// network namespace at nsPath ("" for ours); only the network namespace
+// changes, unlike `ip netns exec`, which also makes a mount namespace.
+func startInNetNS(nsPath string, cmd *exec.Cmd) (*reaper.Process, error) {
+	if nsPath == "" {
+		return reaper.Default().Start(cmd)
+	}
+	ns, err := netns.Open(nsPath)
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	var p *reaper.Process
+	err = netns.Do(ns, func() error {
+		var err error
+		p, err = reaper.Default().Start(cmd)
+		return err
+	})
+	return p, err
 }
 
 // stop stops the daemon by pid: SIGTERM, then SIGKILL after 15 s. Shims keep

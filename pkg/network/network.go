@@ -12,7 +12,9 @@
 // A microvm cannot hot-plug a NIC, and some front doors configure the
 // namespace only after the task is created (ctr --cni, nerdctl's
 // createRuntime hook): taps are made when the VM boots (CreateTaps) and
-// wired when the box starts (Wire). Taps are not persistent: each lives
+// wired when the box starts (Wire). Taps get interface indexes above any
+// the kernel hands out, so they come after the CNI interfaces, as when the
+// taps are made after CNI ran (Kata). Taps are not persistent: each lives
 // while QEMU holds its descriptor, so a dead VMM never leaves one behind.
 package network
 
@@ -24,6 +26,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/netns"
@@ -104,11 +107,27 @@ func usableAddrs(addrs []netlink.Addr) []netlink.Addr {
 	return out
 }
 
+// tapIndexBase is the interface index of the first tap: far above the
+// indexes the kernel hands out in order, so every interface a CNI plugin
+// adds to the namespace after the VM booted (nerdctl's createRuntime hook,
+// ctr --cni) still comes before the taps. Tools that take the first
+// interface that is up as the container's own, in index order, then find
+// the CNI interface, as under runc (nerdctl inspect's IPAddress does).
+const tapIndexBase = 1 << 20
+
 // CreateTaps makes one tap per MAC in the namespace ns, named TapPrefix0,
-// TapPrefix1, ...; a nil MAC gets a random one. On failure none is left.
+// TapPrefix1, ... with interface indexes tapIndexBase, tapIndexBase+1, ...;
+// a nil MAC gets a random one. Each tap is made in a scratch namespace and
+// moved into ns with its index, since TUNSETIFF cannot choose one. On
+// failure none is left.
 func CreateTaps(ns *os.File, macs []net.HardwareAddr) ([]*Tap, error) {
+	scratch, err := netns.New()
+	if err != nil {
+		return nil, err
+	}
+	defer scratch.Close()
 	var taps []*Tap
-	err := netns.Do(ns, func() error {
+	err = netns.Do(scratch, func() error {
 		for i, mac := range macs {
 			if mac == nil {
 				var err error
@@ -122,12 +141,22 @@ func CreateTaps(ns *os.File, macs []net.HardwareAddr) ([]*Tap, error) {
 				return err
 			}
 			taps = append(taps, &Tap{Name: name, File: f, MAC: mac})
-			if err := prepareTap(name); err != nil {
-				return err
+			if err := moveLink(name, ns, tapIndexBase+i); err != nil {
+				return fmt.Errorf("move tap %s into %s: %w", name, ns.Name(), err)
 			}
 		}
 		return nil
 	})
+	if err == nil {
+		err = netns.Do(ns, func() error {
+			for _, t := range taps {
+				if err := prepareTap(t.Name); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
 	if err != nil {
 		for _, t := range taps {
 			t.Close()
@@ -135,6 +164,26 @@ func CreateTaps(ns *os.File, macs []net.HardwareAddr) ([]*Tap, error) {
 		return nil, err
 	}
 	return taps, nil
+}
+
+// moveLink moves the interface name from the calling thread's namespace
+// into ns, where it gets the interface index index (IFLA_NEW_IFINDEX,
+// Linux 4.16).
+func moveLink(name string, ns *os.File, index int) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(l.Attrs().Index)
+	req.AddData(msg)
+	req.AddData(nl.NewRtAttr(unix.IFLA_NET_NS_FD, nl.Uint32Attr(uint32(ns.Fd()))))
+	req.AddData(nl.NewRtAttr(unix.IFLA_NEW_IFINDEX, nl.Uint32Attr(uint32(index))))
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		return fmt.Errorf("RTM_NEWLINK: %w", err)
+	}
+	return nil
 }
 
 // openTap creates a non-persistent tap in the calling thread's namespace.

@@ -408,6 +408,43 @@ func TestCreateTapsMakesTapsThatLiveWhileTheirFileIsOpen(t *testing.T) {
 	})
 }
 
+// TestCreateTapsComeAfterInterfacesAddedLater makes taps in an empty
+// namespace and adds an interface afterwards, as nerdctl's createRuntime
+// hook does: the interface has the lower index, so the first interface
+// that is up in index order (nerdctl inspect's primary interface, whose
+// address it shows) is the CNI one, not a tap. Verified two-sided: with
+// taps made in place, blxtap0 came first.
+func TestCreateTapsComeAfterInterfacesAddedLater(t *testing.T) {
+	checkNoFDLeak(t)
+	n := newTestNet(t)
+	// The namespace is as CRI or nerdctl hand it over: no interface up.
+	if err := n.ha.LinkSetDown(n.link(t, n.ha, "eth0")); err != nil {
+		t.Fatal(err)
+	}
+	taps := testTaps(t, n.a, n.ha, []net.HardwareAddr{nil, nil})
+	later := n.addLink(t, "cni0", true)
+	links, err := n.ha.LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(links, func(x, y netlink.Link) int { return x.Attrs().Index - y.Attrs().Index })
+	var first string
+	for _, l := range links {
+		if a := l.Attrs(); a.Flags&net.FlagLoopback == 0 && a.Flags&net.FlagUp != 0 {
+			first = a.Name
+			break
+		}
+	}
+	if first == "" || strings.HasPrefix(first, TapPrefix) {
+		t.Errorf("first interface up in index order is %q, want a non-tap one", first)
+	}
+	for _, tap := range taps {
+		if idx := n.link(t, n.ha, tap.Name).Attrs().Index; idx <= later.Attrs().Index {
+			t.Errorf("%s has index %d, not above %d of cni0, added after it", tap.Name, idx, later.Attrs().Index)
+		}
+	}
+}
+
 func TestCreateTapsLeavesNoTapOnFailure(t *testing.T) {
 	checkNoFDLeak(t)
 	n := newTestNet(t)
