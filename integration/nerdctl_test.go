@@ -340,3 +340,47 @@ func TestNerdctlBoxesOnTheBridgeFindEachOther(t *testing.T) {
 		n.must(t, "rm", "-f", ids["a"], ids["b"])
 	}
 }
+
+// TestNerdctlCpNeverReachesTheHostsFiles copies a file into a running box.
+// nerdctl cp goes through /proc/<task pid>/root, and the task's pid is the
+// VMM's: with QEMU's root left at the host's /, `nerdctl cp FILE box:PATH`
+// wrote the host's PATH (and copying out read the host's files). QEMU now
+// runs chrooted in an empty read-only root, so under boxlite the copy
+// fails with "read-only file system" and the host's path stays absent;
+// under runc it lands in the container. Verified two-sided: without the
+// chroot the copy succeeds and creates the file on the host.
+func TestNerdctlCpNeverReachesTheHostsFiles(t *testing.T) {
+	n := startNerdctl(t)
+	src := filepath.Join(shortTempDir(t), "payload.txt")
+	os.WriteFile(src, []byte("copied\n"), 0o644)
+	// A path that exists nowhere on the host.
+	dst := fmt.Sprintf("/boxlite-cp-test-%d", os.Getpid())
+	t.Cleanup(func() { os.Remove(dst) })
+	for _, rt := range bothRuntimes {
+		name := shortRuntime(rt)
+		r, id := n.run(t, "run -d", rt, "-d", "--net", "none", testImage, "sleep", "600")
+		if r.code != 0 || id == "" {
+			t.Fatalf("%s: run -d: exit %d stderr %q", name, r.code, r.stderr)
+		}
+		r = n.timed(t, "cp into the box", rt, "cp", src, id+":"+dst)
+		if _, err := os.Stat(dst); err == nil {
+			os.Remove(dst)
+			t.Errorf("%s: nerdctl cp wrote %s on the host", name, dst)
+		}
+		switch rt {
+		case runcRuntime:
+			if r.code != 0 {
+				t.Errorf("runc: cp: exit %d stderr %q", r.code, r.stderr)
+			} else if out := n.must(t, "exec", id, "cat", dst); out != "copied\n" {
+				t.Errorf("runc: the box has %q at %s", out, dst)
+			}
+		default:
+			if r.code == 0 || !strings.Contains(strings.ToLower(r.stderr), "read-only") {
+				t.Errorf("%s: cp: exit %d stderr %q, want it refused as read-only", name, r.code, r.stderr)
+			}
+		}
+		if r := n.timed(t, "rm -f (running)", rt, "rm", "-f", id); r.code != 0 {
+			t.Errorf("%s: rm -f: exit %d stderr %q", name, r.code, r.stderr)
+		}
+	}
+}

@@ -60,7 +60,7 @@ type QEMU struct {
 	accel  Accel
 	reason string
 	// Paths of the files the VM keeps in cfg.StateDir.
-	qmpPath, agentPath, pidPath, consolePath string
+	qmpPath, agentPath, pidPath, consolePath, rootPath string
 
 	// launched is closed once Start has launched the monitor (proc and
 	// console are set) or given up, or the VM was stopped before it started.
@@ -121,6 +121,7 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 		agentPath:   filepath.Join(dir, AgentSocketName),
 		pidPath:     filepath.Join(dir, PidFileName),
 		consolePath: filepath.Join(dir, ConsoleLogName),
+		rootPath:    filepath.Join(dir, RootDirName),
 		launched:    make(chan struct{}),
 		done:        make(chan struct{}),
 	}, nil
@@ -285,6 +286,10 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	}
 	defer w.Close()
 	undo.add(func() { r.Close() })
+	if err := makeRoot(q.rootPath); err != nil {
+		return nil, err
+	}
+	undo.add(func() { removeRoot(q.rootPath) })
 
 	fds := launchFDs{qmp: 3, agent: 4}
 	extra := []*os.File{qmpL, agentL}
@@ -296,7 +301,7 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 		}
 		fds.taps = append(fds.taps, fd)
 	}
-	cmd := exec.Command(q.cfg.QEMUBinary, qemuArgs(&q.cfg, q.accel, fds)...)
+	cmd := exec.Command(q.cfg.QEMUBinary, append(qemuArgs(&q.cfg, q.accel, fds), "-chroot", q.rootPath)...)
 	cmd.Dir = q.cfg.StateDir
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.ExtraFiles = extra
@@ -398,6 +403,9 @@ func (q *QEMU) watch(proc *reaper.Process, out *os.File, cons *console) {
 	}
 	os.Remove(q.qmpPath)
 	os.Remove(q.agentPath)
+	if err := removeRoot(q.rootPath); err != nil {
+		log.L.WithError(err).WithField("pid", exit.Pid).Warn("remove vmm root")
+	}
 	oomKilled := exit.Signal == syscall.SIGKILL && q.oomCounter().increased()
 	if oomKilled {
 		log.L.WithField("pid", exit.Pid).Warn("vmm was killed by the host's OOM killer")

@@ -26,6 +26,8 @@ func KillStale(ctx context.Context, stateDir string) (reaper.Identity, error) {
 	pidPath := filepath.Join(stateDir, PidFileName)
 	id, err := reaper.ReadPidFile(pidPath)
 	if errdefs.IsNotFound(err) {
+		// No monitor recorded; a root left by one that died is removed.
+		removeStateFiles(stateDir)
 		return reaper.Identity{}, nil
 	}
 	if err != nil {
@@ -58,6 +60,7 @@ func KillStale(ctx context.Context, stateDir string) (reaper.Identity, error) {
 }
 
 func removeStateFiles(stateDir string) {
+	removeRoot(filepath.Join(stateDir, RootDirName))
 	for _, name := range []string{PidFileName, QMPSocketName, AgentSocketName} {
 		os.Remove(filepath.Join(stateDir, name))
 	}
