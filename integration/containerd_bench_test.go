@@ -55,3 +55,44 @@ func BenchmarkContainerdRunRm(b *testing.B) {
 	b.ReportMetric(float64(rssKiB(c.shimOf(b, id)))/1024, "shim-rss-MiB")
 	b.ReportMetric(float64(rssKiB(c.taskPid(b, id)))/1024, "vmm-rss-MiB")
 }
+
+// BenchmarkContainerdRunRmNetwork measures `ctr run --rm true` with a
+// network (the box joins a namespace the test wired: a veth with an
+// address, so Start wires a tap and configures the guest's interface)
+// against the same without one (a new empty namespace: a tap that stays
+// unwired), and runc in the same wired namespace as the baseline, in the
+// same run and alternating. Medians and ratios.
+func BenchmarkContainerdRunRmNetwork(b *testing.B) {
+	c := startContainerd(b)
+	tn := newTestNet(b)
+	tn.wire(b)
+	withNet := []string{"--with-ns", "network:" + tn.boxPath}
+	runs := []struct {
+		key   string
+		rt    string
+		flags []string
+	}{
+		{"bx-nonet", boxliteRuntime, nil},
+		{"bx-net", boxliteRuntime, withNet},
+		{"runc-net", runcRuntime, withNet},
+	}
+	times := map[string][]time.Duration{}
+	for i := 0; i < b.N; i++ {
+		for _, r := range runs {
+			res := c.runRm(b, r.rt, r.flags, "true")
+			if res.code != 0 {
+				b.Fatalf("%s: exit %d stderr %q", r.key, res.code, res.stderr)
+			}
+			times[r.key] = append(times[r.key], res.elapsed)
+		}
+	}
+	fmt.Printf("\nctr run --rm true, median of %d\n", b.N)
+	for _, r := range runs {
+		m := median(times[r.key])
+		fmt.Printf("%-10s %8.0f ms\n", r.key, ms(m))
+		b.ReportMetric(ms(m), r.key+"-ms")
+	}
+	b.ReportMetric(float64(median(times["bx-net"]))/float64(median(times["bx-nonet"])), "bx-net/nonet")
+	b.ReportMetric(float64(median(times["bx-net"]))/float64(median(times["runc-net"])), "bx/runc-net")
+	tn.assertUnwired(b)
+}
