@@ -37,6 +37,9 @@ type mgr struct {
 	rootfs string
 	// binary is the boxlite to run (default boxliteBin).
 	binary string
+	// shimDirs are the shim state directories that existed before the
+	// test (other boxes of the machine).
+	shimDirs map[string]bool
 }
 
 // newMgr skips without the built binaries, makes a short state directory
@@ -50,9 +53,43 @@ func newMgr(t testing.TB) *mgr {
 			t.Skipf("%s missing: run make build", p)
 		}
 	}
-	m := &mgr{t: t, state: filepath.Join(shortTempDir(t), "st"), rootfs: busyboxRootfs(t), binary: boxliteBin}
+	m := &mgr{t: t, state: filepath.Join(shortTempDir(t), "st"), rootfs: busyboxRootfs(t), binary: boxliteBin,
+		shimDirs: shimStateDirs()}
 	t.Cleanup(m.assertClean)
 	return m
+}
+
+// shimStateDirs lists the shims' VM state directories (each holds a box's
+// sockets, share and QEMU root).
+func shimStateDirs() map[string]bool {
+	entries, _ := os.ReadDir(shimStateRoot)
+	out := map[string]bool{}
+	for _, e := range entries {
+		out[filepath.Join(shimStateRoot, e.Name())] = true
+	}
+	return out
+}
+
+// assertNoNewShimState fails the test for a shim state directory, or a
+// mount under one, that appeared since the test began: the share, QEMU's
+// root and the sockets of every box must be gone with it.
+func (m *mgr) assertNoNewShimState() {
+	t := m.t
+	for d := range shimStateDirs() {
+		if !m.shimDirs[d] {
+			t.Errorf("leak: shim state directory %s left", d)
+		}
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 || !strings.HasPrefix(f[4], shimStateRoot+"/") {
+			continue
+		}
+		if dir := filepath.Join(shimStateRoot, strings.Split(strings.TrimPrefix(f[4], shimStateRoot+"/"), "/")[0]); !m.shimDirs[dir] {
+			t.Errorf("leak: mount left in a shim state directory: %s", line)
+		}
+	}
 }
 
 // mgrResult is what one boxlite invocation did.
@@ -285,6 +322,7 @@ func (m *mgr) assertClean() {
 		t.Errorf("leak: %d live shim(s)/VMM(s):\n%s", len(live), strings.Join(live, "\n"))
 	}
 	assertNoLeaks(t, 0, m.rootfs, m.state)
+	m.assertNoNewShimState()
 }
 
 // tenMiB is what `seq 1 2000000 | head -c 10485760` prints.
