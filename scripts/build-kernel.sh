@@ -43,7 +43,7 @@ if [[ ! -s $cached ]]; then
 	work=$cache/build/kernel-$key
 	rm -rf "$work"
 	mkdir -p "$work"
-	echo "build-kernel: building $key in $work (about 8 minutes on 2 cores)"
+	echo "build-kernel: building $key in $work (about 7 minutes on 2 cores)"
 # build-recipe-begin
 	tar -xf "$src" -C "$work" --strip-components=1
 	# A subshell: the working directory is the build tree only in here.
