@@ -1,13 +1,10 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -31,25 +28,6 @@ func buildNetperf(t testing.TB) string {
 		t.Fatalf("build netperf: %v", err)
 	}
 	return dir
-}
-
-// runHostEnv is runHostTimeout with extra environment.
-func runHostEnv(d time.Duration, env []string, name string, args ...string) (string, error) {
-	var out, errb bytes.Buffer
-	cmd := exec.Command(name, args...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	p, err := reaper.Default().Start(cmd)
-	if err != nil {
-		return "", err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	defer cancel()
-	e, err := p.Wait(ctx)
-	if err != nil || e.Status != 0 {
-		return out.String(), fmt.Errorf("%s %v: %v %v: %s", name, args, e, err, errb.String())
-	}
-	return out.String(), nil
 }
 
 // inNS runs fn with sockets made in the namespace at path ("" for ours).

@@ -90,8 +90,17 @@ func lastLine(s string) string {
 
 // runHostTimeout is runHost with a caller's bound.
 func runHostTimeout(d time.Duration, name string, args ...string) (string, error) {
+	return runHostEnv(d, nil, name, args...)
+}
+
+// runHostEnv is runHostTimeout with env added to this process's
+// environment.
+func runHostEnv(d time.Duration, env []string, name string, args ...string) (string, error) {
 	var out, errb bytes.Buffer
 	cmd := exec.Command(name, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	p, err := reaper.Default().Start(cmd)
 	if err != nil {

@@ -10,9 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +19,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/boxlite/boxlite/internal/leakcheck"
 	"github.com/boxlite/boxlite/pkg/agent/api"
 )
 
@@ -369,33 +368,8 @@ func shortenPolls(t testing.TB, wait, margin time.Duration) {
 // cleanup runs last.
 func checkLeaks(t testing.TB) {
 	t.Helper()
-	goroutines, fds := runtime.NumGoroutine(), openFDs(t)
-	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for {
-			g, f := runtime.NumGoroutine(), openFDs(t)
-			if g <= goroutines && f <= fds {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("leak: %d goroutines (started with %d), %d fds (started with %d)\n%s", g, goroutines, f, fds, buf)
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
-
-// openFDs counts the process's open file descriptors.
-func openFDs(t testing.TB) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatalf("count fds: %v", err)
-	}
-	return len(ents)
+	leakcheck.Goroutines(t)
+	leakcheck.FDs(t)
 }
 
 // requireProtocolError fails the test unless err wraps ErrProtocol.

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -120,7 +121,7 @@ func TestAgentConfigureNetworkConfiguresTheInitsNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	closeNetns(t, target)
+	netnstest.Release(t, int(target), target.Close)
 
 	req := &api.ConfigureNetworkRequest{Id: "c1", Interfaces: []*api.Interface{{DeviceMac: nic0MAC, Name: "eth0", Addresses: []string{"10.4.0.2/24"}}}}
 	// The agent finds the NICs in its own namespace: here the test's root.
@@ -152,7 +153,7 @@ func TestAgentConfigureNetworkRefusesTheVMsNamespace(t *testing.T) {
 	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "shares the VM's network namespace") {
 		t.Fatalf("err = %v, want FailedPrecondition", err)
 	}
-	if names := linkNames(t, testHandle(t, root)); !slices.Contains(names, "eth0") {
+	if names := netnstest.LinkNames(t, testHandle(t, root), ""); !slices.Contains(names, "eth0") {
 		t.Fatalf("root namespace has links %v; eth0 should be untouched", names)
 	}
 }

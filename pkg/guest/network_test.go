@@ -4,11 +4,9 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/vishvananda/netlink"
@@ -16,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 )
 
 // Test NICs: the MACs a VMM would give two virtio-net devices.
@@ -34,7 +33,8 @@ func requireNetAdmin(t *testing.T) {
 
 // newTestNetns returns a new, empty network namespace that nothing else
 // uses. It is created on a locked thread that is then returned to its own
-// namespace (onLockedThread), so no thread stays in it; see closeNetns.
+// namespace (onLockedThread), so no thread stays in it. It is closed when
+// the test ends, and must then be released (netnstest.Release).
 func newTestNetns(t *testing.T) netns.NsHandle {
 	t.Helper()
 	requireNetAdmin(t)
@@ -46,54 +46,8 @@ func newTestNetns(t *testing.T) netns.NsHandle {
 	if err != nil {
 		t.Fatalf("new network namespace: %v", err)
 	}
-	closeNetns(t, ns)
+	netnstest.Release(t, int(ns), ns.Close)
 	return ns
-}
-
-// closeNetns closes ns when the test ends, and then fails the test if this
-// process still refers to the namespace.
-func closeNetns(t *testing.T, ns netns.NsHandle) {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(ns), &st); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { checkNetnsReleased(t, st.Dev, st.Ino) })
-	t.Cleanup(func() { ns.Close() })
-}
-
-// checkNetnsReleased fails the test unless, within testTimeout, no thread
-// of this process is in the namespace (dev, ino) and no descriptor refers to
-// it: an unnamed namespace without references is destroyed by the kernel,
-// and with it the links that were created in it.
-func checkNetnsReleased(t *testing.T, dev, ino uint64) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		refs := netnsRefs(dev, ino)
-		if len(refs) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("leak: network namespace %d still referred to by %v", ino, refs)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// netnsRefs lists the thread namespaces and descriptors of this process
-// that are the namespace (dev, ino).
-func netnsRefs(dev, ino uint64) []string {
-	paths, _ := filepath.Glob("/proc/self/task/*/ns/net")
-	fds, _ := filepath.Glob("/proc/self/fd/*")
-	var refs []string
-	for _, p := range append(paths, fds...) {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && st.Dev == dev && st.Ino == ino {
-			refs = append(refs, p)
-		}
-	}
-	return refs
 }
 
 // testHandle returns a netlink handle in ns, closed when the test ends.
@@ -147,21 +101,6 @@ func mustLink(t *testing.T, h *netlink.Handle, name string) netlink.Link {
 		t.Fatalf("link %s: %v", name, err)
 	}
 	return link
-}
-
-// linkNames lists the names of the links in h's namespace, sorted.
-func linkNames(t *testing.T, h *netlink.Handle) []string {
-	t.Helper()
-	links, err := h.LinkList()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, l := range links {
-		names = append(names, l.Attrs().Name)
-	}
-	slices.Sort(names)
-	return names
 }
 
 // addrs lists the addresses of link, sorted, but for IPv6 link-local ones,
@@ -244,10 +183,10 @@ func TestConfigureNetworkMovesAndConfiguresInterface(t *testing.T) {
 	if !isUp(mustLink(t, th, "lo")) {
 		t.Fatal("lo is not up in the container's namespace")
 	}
-	if names := linkNames(t, th); !slices.Equal(names, []string{"lo", "net0"}) {
+	if names := netnstest.LinkNames(t, th, ""); !slices.Equal(names, []string{"lo", "net0"}) {
 		t.Fatalf("container's namespace has links %v", names)
 	}
-	if names := linkNames(t, rh); !slices.Equal(names, []string{"lo", "peth0"}) {
+	if names := netnstest.LinkNames(t, rh, ""); !slices.Equal(names, []string{"lo", "peth0"}) {
 		t.Fatalf("root namespace has links %v; the NIC should have left", names)
 	}
 }
@@ -472,7 +411,7 @@ func TestConfigureNetworkUnknownMACIsNotFound(t *testing.T) {
 	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "52:54:00:99:99:99") {
 		t.Fatalf("err = %v, want NotFound naming the MAC", err)
 	}
-	if names := linkNames(t, testHandle(t, root)); !slices.Equal(names, []string{"eth0", "lo", "peth0"}) {
+	if names := netnstest.LinkNames(t, testHandle(t, root), ""); !slices.Equal(names, []string{"eth0", "lo", "peth0"}) {
 		t.Fatalf("root namespace has links %v", names)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 )
 
 // validRequest is a valid request for the NIC nic0MAC, which tests break
@@ -101,10 +102,10 @@ func TestConfigureNetworkRejectsInvalidRequests(t *testing.T) {
 			if !errdefs.IsInvalidArgument(err) || !strings.HasPrefix(err.Error(), tt.field+": ") {
 				t.Fatalf("err = %v, want InvalidArgument about %s", err, tt.field)
 			}
-			if names := linkNames(t, rh); !slices.Equal(names, []string{"eth0", "eth1", "lo", "peth0", "peth1"}) {
+			if names := netnstest.LinkNames(t, rh, ""); !slices.Equal(names, []string{"eth0", "eth1", "lo", "peth0", "peth1"}) {
 				t.Fatalf("root namespace has links %v after a rejected request", names)
 			}
-			if names := linkNames(t, th); !slices.Equal(names, []string{"lo"}) {
+			if names := netnstest.LinkNames(t, th, ""); !slices.Equal(names, []string{"lo"}) {
 				t.Fatalf("container's namespace has links %v after a rejected request", names)
 			}
 		})

@@ -11,15 +11,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/boxlite/boxlite/pkg/reaper"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/boxlite/boxlite/internal/leakcheck"
+	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
 // helperPrefix starts the argv[0] (its base name) of this test binary run
@@ -191,35 +192,9 @@ func fail(err error) int {
 // starts.
 func checkLeaks(t *testing.T) {
 	t.Helper()
-	goroutines, fds := runtime.NumGoroutine(), countFDs(t)
-	t.Cleanup(func() {
-		var problem string
-		deadline := time.Now().Add(10 * time.Second)
-		for time.Now().Before(deadline) {
-			problem = ""
-			if kids := reaper.Children(os.Getpid()); len(kids) > 0 {
-				problem = fmt.Sprintf("child processes %v", kids)
-			} else if g := runtime.NumGoroutine(); g > goroutines {
-				problem = fmt.Sprintf("%d goroutines, had %d", g, goroutines)
-			} else if n := countFDs(t); n > fds {
-				problem = fmt.Sprintf("%d open descriptors, had %d", n, fds)
-			} else {
-				return
-			}
-			time.Sleep(10 * time.Millisecond) // polling with a deadline
-		}
-		buf := make([]byte, 1<<16)
-		t.Errorf("leak: %s\n%s", problem, buf[:runtime.Stack(buf, true)])
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
+	leakcheck.Goroutines(t)
+	leakcheck.FDs(t)
+	leakcheck.Children(t)
 }
 
 // helperHook returns a hook that runs this test binary in mode with args

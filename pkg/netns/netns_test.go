@@ -1,4 +1,4 @@
-package netns
+package netns_test
 
 import (
 	"errors"
@@ -11,14 +11,14 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
-)
 
-// testTimeout bounds every wait of these tests.
-const testTimeout = 10 * time.Second
+	"github.com/boxlite/boxlite/internal/leakcheck"
+	"github.com/boxlite/boxlite/pkg/netns"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
+)
 
 // requireRoot skips the test unless it may create network namespaces.
 func requireRoot(t *testing.T) {
@@ -28,48 +28,37 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// nsID identifies a namespace: the device and inode of its nsfs file.
-type nsID struct{ dev, ino uint64 }
-
-func (id nsID) String() string { return fmt.Sprintf("net:[%d]", id.ino) }
-
-// pathNS returns the namespace the file at path is.
-func pathNS(t *testing.T, path string) nsID {
-	t.Helper()
+// statNS returns the namespace the file at path is.
+func statNS(path string) (netnstest.ID, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
-		t.Fatalf("stat %s: %v", path, err)
+		return netnstest.ID{}, err
 	}
-	return nsID{st.Dev, st.Ino}
+	return netnstest.ID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
-// fileNS returns the namespace f is.
-func fileNS(t *testing.T, f *os.File) nsID {
+// pathNS returns the namespace the file at path is.
+func pathNS(t *testing.T, path string) netnstest.ID {
 	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatalf("fstat %s: %v", f.Name(), err)
+	id, err := statNS(path)
+	if err != nil {
+		t.Fatalf("stat %s: %v", path, err)
 	}
-	return nsID{st.Dev, st.Ino}
+	return id
 }
 
 // threadNS returns the network namespace of the calling thread.
-func threadNS() (nsID, error) {
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/thread-self/ns/net", &st); err != nil {
-		return nsID{}, err
-	}
-	return nsID{st.Dev, st.Ino}, nil
+func threadNS() (netnstest.ID, error) {
+	return statNS("/proc/thread-self/ns/net")
 }
 
 // strayThreads lists the threads of this process that are not in want.
-func strayThreads(want nsID) []string {
+func strayThreads(want netnstest.ID) []string {
 	paths, _ := filepath.Glob("/proc/self/task/*/ns/net")
 	var out []string
 	for _, p := range paths {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && (nsID{st.Dev, st.Ino}) != want {
-			out = append(out, fmt.Sprintf("%s=net:[%d]", p, st.Ino))
+		if id, err := statNS(p); err == nil && id != want {
+			out = append(out, fmt.Sprintf("%s=%v", p, id))
 		}
 	}
 	return out
@@ -77,7 +66,7 @@ func strayThreads(want nsID) []string {
 
 // checkThreadsHome fails the test at its end unless every thread of this
 // process is back in the namespace it had when the test began.
-func checkThreadsHome(t *testing.T) nsID {
+func checkThreadsHome(t *testing.T) netnstest.ID {
 	t.Helper()
 	home := pathNS(t, "/proc/self/ns/net")
 	t.Cleanup(func() {
@@ -86,55 +75,6 @@ func checkThreadsHome(t *testing.T) nsID {
 		}
 	})
 	return home
-}
-
-// checkNoFDLeak fails the test if it ends with more descriptors open than
-// it began with (polled: a closed file's descriptor goes at once, but the
-// check must not race a runtime that is still settling).
-func checkNoFDLeak(t *testing.T) {
-	t.Helper()
-	// The netpoller's descriptors are made on first use: make them now.
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
-	w.Close()
-	before := countFDs(t)
-	t.Cleanup(func() {
-		deadline := time.Now().Add(testTimeout)
-		for {
-			n := countFDs(t)
-			if n <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("leak: %d descriptors open, %d before the test", n, before)
-				return
-			}
-			time.Sleep(time.Millisecond)
-		}
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	entries, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(entries)
-}
-
-// newNS returns a namespace made by New, closed when the test ends.
-func newNS(t *testing.T) *os.File {
-	t.Helper()
-	ns, err := New()
-	if err != nil {
-		t.Fatalf("New: %v", err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	return ns
 }
 
 // namedNS makes a namespace with `ip netns add` and returns its path; it is
@@ -160,37 +100,37 @@ func namedNS(t *testing.T) string {
 func TestOpenAcceptsNetworkNamespaces(t *testing.T) {
 	requireRoot(t)
 	checkThreadsHome(t)
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	tests := []struct {
 		name string
 		// path returns the path to open and the namespace it must be.
-		path func(t *testing.T) (string, nsID)
+		path func(t *testing.T) (string, netnstest.ID)
 	}{
-		{"made by ip netns add", func(t *testing.T) (string, nsID) {
+		{"made by ip netns add", func(t *testing.T) (string, netnstest.ID) {
 			p := namedNS(t)
 			return p, pathNS(t, p)
 		}},
-		{"our own", func(t *testing.T) (string, nsID) {
+		{"our own", func(t *testing.T) (string, netnstest.ID) {
 			return "/proc/self/ns/net", pathNS(t, "/proc/self/ns/net")
 		}},
-		{"made by New, through its descriptor", func(t *testing.T) (string, nsID) {
-			ns := newNS(t)
-			return fmt.Sprintf("/proc/self/fd/%d", ns.Fd()), fileNS(t, ns)
+		{"made by New, through its descriptor", func(t *testing.T) (string, netnstest.ID) {
+			ns := netnstest.New(t)
+			return fmt.Sprintf("/proc/self/fd/%d", ns.Fd()), netnstest.FileID(t, ns)
 		}},
-		{"a thread's, through /proc/thread-self", func(t *testing.T) (string, nsID) {
+		{"a thread's, through /proc/thread-self", func(t *testing.T) (string, netnstest.ID) {
 			return "/proc/thread-self/ns/net", pathNS(t, "/proc/self/ns/net")
 		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path, want := tt.path(t)
-			f, err := Open(path)
+			f, err := netns.Open(path)
 			if err != nil {
-				t.Fatalf("Open(%s): %v", path, err)
+				t.Fatalf("netns.Open(%s): %v", path, err)
 			}
 			defer f.Close()
-			if got := fileNS(t, f); got != want {
-				t.Errorf("Open(%s) is %v, want %v", path, got, want)
+			if got := netnstest.FileID(t, f); got != want {
+				t.Errorf("netns.Open(%s) is %v, want %v", path, got, want)
 			}
 		})
 	}
@@ -198,7 +138,7 @@ func TestOpenAcceptsNetworkNamespaces(t *testing.T) {
 
 func TestOpenRefusesWhatIsNotANetworkNamespace(t *testing.T) {
 	requireRoot(t)
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	dir := t.TempDir()
 	regular := filepath.Join(dir, "regular")
 	if err := os.WriteFile(regular, []byte("not a namespace"), 0o600); err != nil {
@@ -218,16 +158,16 @@ func TestOpenRefusesWhatIsNotANetworkNamespace(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			f, err := Open(tt.path)
+			f, err := netns.Open(tt.path)
 			if err == nil {
 				f.Close()
-				t.Fatalf("Open(%s) succeeded, want %s", tt.path, tt.want)
+				t.Fatalf("netns.Open(%s) succeeded, want %s", tt.path, tt.want)
 			}
 			if !tt.is(err) {
-				t.Errorf("Open(%s) = %v, want %s", tt.path, err, tt.want)
+				t.Errorf("netns.Open(%s) = %v, want %s", tt.path, err, tt.want)
 			}
 			if !strings.Contains(err.Error(), tt.path) {
-				t.Errorf("Open(%s) = %q, which does not name the path", tt.path, err)
+				t.Errorf("netns.Open(%s) = %q, which does not name the path", tt.path, err)
 			}
 		})
 	}
@@ -236,14 +176,14 @@ func TestOpenRefusesWhatIsNotANetworkNamespace(t *testing.T) {
 func TestNewCreatesAnotherNamespaceWithOnlyLoopback(t *testing.T) {
 	requireRoot(t)
 	home := checkThreadsHome(t)
-	checkNoFDLeak(t)
-	ns := newNS(t)
-	id := fileNS(t, ns)
+	leakcheck.FDs(t)
+	ns := netnstest.New(t)
+	id := netnstest.FileID(t, ns)
 	if id == home {
 		t.Fatalf("New returned our own namespace %v", home)
 	}
 	var ifaces []net.Interface
-	err := Do(ns, func() error {
+	err := netns.Do(ns, func() error {
 		var err error
 		ifaces, err = net.Interfaces()
 		return err
@@ -258,8 +198,8 @@ func TestNewCreatesAnotherNamespaceWithOnlyLoopback(t *testing.T) {
 		t.Errorf("lo is up in the new namespace, want down: %v", ifaces[0].Flags)
 	}
 	// Each call makes a namespace of its own.
-	other := newNS(t)
-	if fileNS(t, other) == id {
+	other := netnstest.New(t)
+	if netnstest.FileID(t, other) == id {
 		t.Errorf("two calls of New returned the same namespace %v", id)
 	}
 }
@@ -267,31 +207,26 @@ func TestNewCreatesAnotherNamespaceWithOnlyLoopback(t *testing.T) {
 func TestNewNamespaceIsReleasedWhenItsFileIsClosed(t *testing.T) {
 	requireRoot(t)
 	checkThreadsHome(t)
-	checkNoFDLeak(t)
-	ns, err := New()
+	leakcheck.FDs(t)
+	ns, err := netns.New()
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := fileNS(t, ns)
+	id := netnstest.FileID(t, ns)
 	ns.Close()
 	// Nothing of this process holds the namespace: no descriptor and no
 	// thread, so the kernel destroys it.
-	fds, _ := filepath.Glob("/proc/self/fd/*")
-	tasks, _ := filepath.Glob("/proc/self/task/*/ns/net")
-	for _, p := range append(fds, tasks...) {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && (nsID{st.Dev, st.Ino}) == id {
-			t.Errorf("%s still refers to the closed namespace %v", p, id)
-		}
+	for _, p := range netnstest.Refs(id) {
+		t.Errorf("%s still refers to the closed namespace %v", p, id)
 	}
 }
 
 func TestDoRunsFnInsideTheNamespaceAndRestoresTheThread(t *testing.T) {
 	requireRoot(t)
 	home := checkThreadsHome(t)
-	checkNoFDLeak(t)
-	ns := newNS(t)
-	target := fileNS(t, ns)
+	leakcheck.FDs(t)
+	ns := netnstest.New(t)
+	target := netnstest.FileID(t, ns)
 	errFn := errors.New("fn failed")
 	tests := []struct {
 		name string
@@ -306,8 +241,8 @@ func TestDoRunsFnInsideTheNamespaceAndRestoresTheThread(t *testing.T) {
 			// where it was.
 			runtime.LockOSThread()
 			defer runtime.UnlockOSThread()
-			var inside nsID
-			err := Do(ns, func() error {
+			var inside netnstest.ID
+			err := netns.Do(ns, func() error {
 				var err error
 				if inside, err = threadNS(); err != nil {
 					return err
@@ -337,14 +272,14 @@ func TestDoRunsFnInsideTheNamespaceAndRestoresTheThread(t *testing.T) {
 func TestDoRefusesAFileThatIsNotANamespace(t *testing.T) {
 	requireRoot(t)
 	home := checkThreadsHome(t)
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	f, err := os.Open(os.DevNull)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
 	ran := false
-	err = Do(f, func() error { ran = true; return nil })
+	err = netns.Do(f, func() error { ran = true; return nil })
 	if err == nil {
 		t.Fatal("Do with /dev/null succeeded")
 	}
@@ -367,9 +302,9 @@ func TestDoRefusesAFileThatIsNotANamespace(t *testing.T) {
 func TestDoLeavesNoThreadInAnotherNamespace(t *testing.T) {
 	requireRoot(t)
 	home := checkThreadsHome(t)
-	checkNoFDLeak(t)
-	ns := newNS(t)
-	target := fileNS(t, ns)
+	leakcheck.FDs(t)
+	ns := netnstest.New(t)
+	target := netnstest.FileID(t, ns)
 	const iterations = 200
 	var wg sync.WaitGroup
 	errs := make(chan error, 3*iterations)
@@ -381,7 +316,7 @@ func TestDoLeavesNoThreadInAnotherNamespace(t *testing.T) {
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
-			err := Do(enter, func() error {
+			err := netns.Do(enter, func() error {
 				if enter != nil {
 					if got, err := threadNS(); err != nil || got != target {
 						return fmt.Errorf("fn ran in %v (%v), want %v", got, err, target)

@@ -5,20 +5,18 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/boxlite/boxlite/internal/leakcheck"
+	"github.com/boxlite/boxlite/internal/poll"
 	"github.com/boxlite/boxlite/pkg/netns"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 )
-
-// testTimeout bounds every wait of these tests.
-const testTimeout = 10 * time.Second
 
 // requireRoot skips the test unless it may create network namespaces,
 // veths and taps.
@@ -27,118 +25,6 @@ func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: run as root")
 	}
-}
-
-// waitFor polls cond until it returns nil, and fails the test with its last
-// error if that does not happen within testTimeout.
-func waitFor(t *testing.T, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v: %v", what, testTimeout, err)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// checkNoFDLeak fails the test if it ends with more descriptors open than
-// it began with: every netlink socket, namespace and tap file it (or the
-// code under test) opened must be closed.
-func checkNoFDLeak(t *testing.T) {
-	t.Helper()
-	// The netpoller's descriptors are made on first use: make them now.
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
-	w.Close()
-	before := countFDs(t)
-	t.Cleanup(func() {
-		deadline := time.Now().Add(testTimeout)
-		for {
-			n := countFDs(t)
-			if n <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("leak: %d descriptors open, %d before the test", n, before)
-				return
-			}
-			time.Sleep(time.Millisecond)
-		}
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	entries, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(entries)
-}
-
-// testNS returns a new network namespace. When the test ends it is closed
-// and the test fails if a descriptor or thread of this process still
-// refers to it (the kernel then destroys it with its links).
-func testNS(t *testing.T) *os.File {
-	t.Helper()
-	ns, err := netns.New()
-	if err != nil {
-		t.Fatalf("new network namespace: %v", err)
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ns.Close()
-		waitFor(t, "release the test namespace", func() error {
-			if refs := nsRefs(st.Dev, st.Ino); len(refs) > 0 {
-				return fmt.Errorf("namespace net:[%d] still referred to by %v", st.Ino, refs)
-			}
-			return nil
-		})
-	})
-	return ns
-}
-
-// nsRefs lists the thread namespaces and descriptors of this process that
-// are the namespace (dev, ino).
-func nsRefs(dev, ino uint64) []string {
-	paths, _ := filepath.Glob("/proc/self/task/*/ns/net")
-	fds, _ := filepath.Glob("/proc/self/fd/*")
-	var refs []string
-	for _, p := range append(paths, fds...) {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && st.Dev == dev && st.Ino == ino {
-			refs = append(refs, p)
-		}
-	}
-	return refs
-}
-
-// testHandle returns a netlink handle whose sockets are in ns, closed when
-// the test ends (before ns).
-func testHandle(t *testing.T, ns *os.File) *netlink.Handle {
-	t.Helper()
-	var h *netlink.Handle
-	err := netns.Do(ns, func() error {
-		var err error
-		h, err = netlink.NewHandle()
-		return err
-	})
-	if err != nil {
-		t.Fatalf("netlink handle in %s: %v", ns.Name(), err)
-	}
-	t.Cleanup(h.Close)
-	return h
 }
 
 // testNet is two namespaces joined by a veth: eth0 in a (the box's
@@ -152,8 +38,8 @@ type testNet struct {
 func newTestNet(t *testing.T) *testNet {
 	t.Helper()
 	requireRoot(t)
-	n := &testNet{a: testNS(t), b: testNS(t)}
-	n.ha, n.hb = testHandle(t, n.a), testHandle(t, n.b)
+	n := &testNet{a: netnstest.New(t), b: netnstest.New(t)}
+	n.ha, n.hb = netnstest.Handle(t, n.a), netnstest.Handle(t, n.b)
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: "eth0"},
 		PeerName:      "peer0",
@@ -229,8 +115,8 @@ func testTaps(t *testing.T, ns *os.File, h *netlink.Handle, macs []net.HardwareA
 		for _, tap := range taps {
 			tap.Close()
 		}
-		waitFor(t, "taps gone once their files are closed", func() error {
-			if names := tapNames(t, h); len(names) > 0 {
+		poll.Until(t, "taps gone once their files are closed", func() error {
+			if names := netnstest.LinkNames(t, h, TapPrefix); len(names) > 0 {
 				return fmt.Errorf("taps left: %v", names)
 			}
 			return nil
@@ -239,24 +125,8 @@ func testTaps(t *testing.T, ns *os.File, h *netlink.Handle, macs []net.HardwareA
 	return taps
 }
 
-// tapNames lists the interfaces seen through h whose name is a tap's.
-func tapNames(t *testing.T, h *netlink.Handle) []string {
-	t.Helper()
-	links, err := h.LinkList()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, TapPrefix) {
-			out = append(out, l.Attrs().Name)
-		}
-	}
-	return out
-}
-
 func TestScanListsOnlyInterfacesWithAUsableAddress(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	tests := []struct {
 		name   string
@@ -324,7 +194,7 @@ func TestScanListsOnlyInterfacesWithAUsableAddress(t *testing.T) {
 }
 
 func TestScanFindsNothingBeforeTheInterfaceHasAnAddress(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	got, err := Scan(n.a)
 	if err != nil {
@@ -357,7 +227,7 @@ func equalLinks(a, b []Link) bool {
 }
 
 func TestCreateTapsMakesTapsThatLiveWhileTheirFileIsOpen(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	given, _ := net.ParseMAC("52:54:00:ab:cd:ef")
 	taps := testTaps(t, n.a, n.ha, []net.HardwareAddr{nil, given})
@@ -400,8 +270,8 @@ func TestCreateTapsMakesTapsThatLiveWhileTheirFileIsOpen(t *testing.T) {
 	}
 	// Closing one tap's file removes that tap only.
 	taps[0].Close()
-	waitFor(t, "blxtap0 gone after its file is closed", func() error {
-		if names := tapNames(t, n.ha); !slices.Equal(names, []string{"blxtap1"}) {
+	poll.Until(t, "blxtap0 gone after its file is closed", func() error {
+		if names := netnstest.LinkNames(t, n.ha, TapPrefix); !slices.Equal(names, []string{"blxtap1"}) {
 			return fmt.Errorf("taps %v, want [blxtap1]", names)
 		}
 		return nil
@@ -415,7 +285,7 @@ func TestCreateTapsMakesTapsThatLiveWhileTheirFileIsOpen(t *testing.T) {
 // address it shows) is the CNI one, not a tap. Verified two-sided: with
 // taps made in place, blxtap0 came first.
 func TestCreateTapsComeAfterInterfacesAddedLater(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	// The namespace is as CRI or nerdctl hand it over: no interface up.
 	if err := n.ha.LinkSetDown(n.link(t, n.ha, "eth0")); err != nil {
@@ -446,7 +316,7 @@ func TestCreateTapsComeAfterInterfacesAddedLater(t *testing.T) {
 }
 
 func TestCreateTapsLeavesNoTapOnFailure(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	// blxtap1 is taken by an interface that is not a tap: the second tap
 	// cannot be made.
@@ -461,8 +331,8 @@ func TestCreateTapsLeavesNoTapOnFailure(t *testing.T) {
 	if !strings.Contains(err.Error(), "blxtap1") {
 		t.Errorf("CreateTaps = %q, which does not name the tap", err)
 	}
-	waitFor(t, "blxtap0 removed after the failure", func() error {
-		if names := tapNames(t, n.ha); !slices.Equal(names, []string{"blxtap1"}) {
+	poll.Until(t, "blxtap0 removed after the failure", func() error {
+		if names := netnstest.LinkNames(t, n.ha, TapPrefix); !slices.Equal(names, []string{"blxtap1"}) {
 			return fmt.Errorf("interfaces %v, want only the veth blxtap1", names)
 		}
 		return nil

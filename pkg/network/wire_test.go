@@ -15,12 +15,17 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/boxlite/boxlite/internal/leakcheck"
+	"github.com/boxlite/boxlite/internal/poll"
 	"github.com/boxlite/boxlite/pkg/netns"
 )
 
 // vnetHdrLen is the size of the virtio_net_hdr before every frame of a tap
 // made with IFF_VNET_HDR.
 const vnetHdrLen = 10
+
+// testTimeout bounds the wait for frames to come out of a tap.
+const testTimeout = 10 * time.Second
 
 // wiredNet is a testNet whose eth0 (10.77.0.2/24 in a; peer0 is
 // 10.77.0.1/24 in b) is wired to a tap.
@@ -130,7 +135,7 @@ func checkNoRedirect(t *testing.T, h *netlink.Handle, name string) {
 }
 
 func TestWireReturnsTheConfigurationOfTheInterface(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	var eth0Attrs *netlink.LinkAttrs
 	w := newWiredNet(t, func(n *testNet) {
 		h := n.ha
@@ -231,7 +236,7 @@ func TestWireReturnsTheConfigurationOfTheInterface(t *testing.T) {
 // peer's ARP request for eth0's address must come out of the tap, and an ARP
 // reply written into the tap must reach the peer through eth0.
 func TestWireRedirectsFramesBothWays(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	w := newWiredNet(t, nil)
 	peer0 := w.link(t, w.hb, "peer0").Attrs().HardwareAddr
 	eth0IP, peerIP := net.ParseIP("10.77.0.2").To4(), net.ParseIP("10.77.0.1").To4()
@@ -270,7 +275,7 @@ func TestWireRedirectsFramesBothWays(t *testing.T) {
 	if n, err := unix.Write(int(w.tap.File.Fd()), append(make([]byte, vnetHdrLen), reply...)); err != nil || n != vnetHdrLen+len(reply) {
 		t.Fatalf("write the reply into the tap: %d, %v", n, err)
 	}
-	waitFor(t, "the peer learns 10.77.0.2 from the reply written into the tap", func() error {
+	poll.Until(t, "the peer learns 10.77.0.2 from the reply written into the tap", func() error {
 		neighs, err := w.hb.NeighList(0, netlink.FAMILY_V4)
 		if err != nil {
 			return err
@@ -352,7 +357,7 @@ func arpFrame(op uint16, sha net.HardwareAddr, spa net.IP, tha net.HardwareAddr,
 }
 
 func TestWireTwiceKeepsOneRedirectPerDirection(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	w := newWiredNet(t, nil)
 	cfg, err := Wire(w.a, []Pair{{Link: w.eth0, Tap: w.tap}})
 	if err != nil {
@@ -366,7 +371,7 @@ func TestWireTwiceKeepsOneRedirectPerDirection(t *testing.T) {
 }
 
 func TestUnwireRemovesTheRedirectsOfTheNamedInterfaces(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	w := newWiredNet(t, nil)
 	if err := Unwire(w.a, []string{"eth0"}); err != nil {
 		t.Fatalf("Unwire: %v", err)
@@ -385,7 +390,7 @@ func TestUnwireRemovesTheRedirectsOfTheNamedInterfaces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the peer resolves 10.77.0.2 through the unwired eth0", func() error {
+	poll.Until(t, "the peer resolves 10.77.0.2 through the unwired eth0", func() error {
 		neighs, err := w.hb.NeighList(0, netlink.FAMILY_V4)
 		if err != nil {
 			return err
@@ -400,7 +405,7 @@ func TestUnwireRemovesTheRedirectsOfTheNamedInterfaces(t *testing.T) {
 }
 
 func TestUnwireOfWhatIsNotWiredIsNotAnError(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	w := newWiredNet(t, nil)
 	if err := Unwire(w.a, []string{"eth0"}); err != nil {
 		t.Fatalf("Unwire: %v", err)
@@ -427,7 +432,7 @@ func TestUnwireOfWhatIsNotWiredIsNotAnError(t *testing.T) {
 // TestWireFailureLeavesNoRedirect wires two interfaces, the second to a tap
 // that does not exist: the first pair's redirects, both ways, must be gone.
 func TestWireFailureLeavesNoRedirect(t *testing.T) {
-	checkNoFDLeak(t)
+	leakcheck.FDs(t)
 	n := newTestNet(t)
 	addAddr(t, n.ha, n.link(t, n.ha, "eth0"), "10.77.0.2/24")
 	addAddr(t, n.ha, n.addLink(t, "eth1", true), "10.78.0.2/24")

@@ -11,6 +11,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/internal/mounttest"
 )
 
 func TestAddBindsADirectory(t *testing.T) {
@@ -81,8 +83,8 @@ func TestAddReadOnlyRefusesWritesThroughTheShare(t *testing.T) {
 				t.Fatalf("Add: %v", err)
 			}
 			shared := filepath.Join(s.Dir(), "ro")
-			if m := mountAt(t, shared); !slices.Contains(m.options, "ro") {
-				t.Errorf("%s options %v, want ro", shared, m.options)
+			if m := mountAt(t, shared); !slices.Contains(m.Options, "ro") {
+				t.Errorf("%s options %v, want ro", shared, m.Options)
 			}
 			through := shared
 			if tt.dir {
@@ -183,7 +185,7 @@ func TestAddKeepsBindsPrivate(t *testing.T) {
 			}
 			shared := filepath.Join(s.Dir(), "vol")
 			if m := mountAt(t, shared); isShared(m) {
-				t.Errorf("the bind at %s is shared (%v), want private", shared, m.optional)
+				t.Errorf("the bind at %s is shared (%v), want private", shared, m.Optional)
 			}
 			// The host mounts something in the source.
 			mountTmpfs(t, filepath.Join(src, "later"), false)
@@ -199,7 +201,7 @@ func TestAddKeepsBindsPrivate(t *testing.T) {
 			if _, err := os.Stat(filepath.Join(src, "nested", "other.txt")); err == nil {
 				t.Errorf("a bind made inside the share appeared in the source")
 			}
-			if left := mountsUnder(t, filepath.Join(src, "nested")); len(left) > 0 {
+			if left := mounttest.Under(t, filepath.Join(src, "nested")); len(left) > 0 {
 				t.Errorf("mounted in the source: %v", left)
 			}
 		})
@@ -267,7 +269,7 @@ func TestAddRefusesWhatCannotBeShared(t *testing.T) {
 			if entries, err := os.ReadDir(s.Dir()); err != nil || len(entries) != 0 {
 				t.Errorf("the share holds %v (%v) after a refusal", entries, err)
 			}
-			if under := mountsUnder(t, s.Dir()); len(under) != 1 {
+			if under := mounttest.Under(t, s.Dir()); len(under) != 1 {
 				t.Errorf("mounts under the share after a refusal: %v", under)
 			}
 		})

@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/boxlite/boxlite/internal/mounttest"
 )
 
 func TestRemoveUnmountsEverythingAndKeepsTheSources(t *testing.T) {
@@ -38,7 +40,7 @@ func TestRemoveUnmountsEverythingAndKeepsTheSources(t *testing.T) {
 			t.Fatalf("Add(%+v): %v", b, err)
 		}
 	}
-	if n := len(mountsUnder(t, dir)); n != 8 {
+	if n := len(mounttest.Under(t, dir)); n != 8 {
 		t.Fatalf("%d mounts under the share, want 8 (tmpfs, 6 binds, 1 submount)", n)
 	}
 	removeShare(t, dir)

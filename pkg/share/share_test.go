@@ -7,11 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/internal/mounttest"
 )
 
 // requireRoot skips the test unless it may mount.
@@ -22,73 +23,13 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// mountEntry is one line of /proc/self/mountinfo.
-type mountEntry struct {
-	mountpoint string
-	options    []string // per-mount options (ro, nosuid, ...)
-	optional   []string // propagation fields (shared:N, master:N, ...)
-	fstype     string
-}
-
-// mounts parses /proc/self/mountinfo.
-func mounts(t *testing.T) []mountEntry {
-	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []mountEntry
-	for line := range strings.Lines(string(data)) {
-		before, after, ok := strings.Cut(strings.TrimSpace(line), " - ")
-		fields, tail := strings.Fields(before), strings.Fields(after)
-		if !ok || len(fields) < 6 || len(tail) < 1 {
-			t.Fatalf("mountinfo line %q", line)
-		}
-		out = append(out, mountEntry{
-			mountpoint: unescape(fields[4]),
-			options:    strings.Split(fields[5], ","),
-			optional:   fields[6:],
-			fstype:     tail[0],
-		})
-	}
-	return out
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for a space).
-func unescape(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-// mountsUnder returns the mounts at dir or below it, in mount order.
-func mountsUnder(t *testing.T, dir string) []mountEntry {
-	t.Helper()
-	var out []mountEntry
-	for _, m := range mounts(t) {
-		if m.mountpoint == dir || strings.HasPrefix(m.mountpoint, dir+"/") {
-			out = append(out, m)
-		}
-	}
-	return out
-}
-
 // mountAt returns the topmost mount at exactly dir; it fails the test if
 // there is none.
-func mountAt(t *testing.T, dir string) mountEntry {
+func mountAt(t *testing.T, dir string) mounttest.Mount {
 	t.Helper()
-	var found []mountEntry
-	for _, m := range mounts(t) {
-		if m.mountpoint == dir {
+	var found []mounttest.Mount
+	for _, m := range mounttest.Under(t, dir) {
+		if m.Point == dir {
 			found = append(found, m)
 		}
 	}
@@ -98,29 +39,16 @@ func mountAt(t *testing.T, dir string) mountEntry {
 	return found[len(found)-1]
 }
 
-func isShared(m mountEntry) bool {
-	return slices.ContainsFunc(m.optional, func(f string) bool { return strings.HasPrefix(f, "shared:") })
+func isShared(m mounttest.Mount) bool {
+	return slices.ContainsFunc(m.Optional, func(f string) bool { return strings.HasPrefix(f, "shared:") })
 }
 
-// testRoot returns a temporary directory for one test's sources and share.
-// When the test ends it fails if anything is still mounted under it, and
-// detaches what is, so that the removal of the temporary directory cannot
-// delete through a bind mount.
+// testRoot returns a temporary directory for one test's sources and share,
+// which must hold no mount when the test ends (mounttest.Root).
 func testRoot(t *testing.T) string {
 	t.Helper()
 	requireRoot(t)
-	root := t.TempDir()
-	t.Cleanup(func() {
-		left := mountsUnder(t, root)
-		if len(left) == 0 {
-			return
-		}
-		t.Errorf("still mounted under %s: %v", root, left)
-		for _, m := range slices.Backward(left) {
-			unix.Unmount(m.mountpoint, unix.MNT_DETACH)
-		}
-	})
-	return root
+	return mounttest.Root(t)
 }
 
 // newShare creates the share root/share, removed when the test ends (and
@@ -143,7 +71,7 @@ func removeShare(t *testing.T, dir string) {
 	if err := Remove(dir); err != nil {
 		t.Errorf("Remove(%s): %v", dir, err)
 	}
-	if left := mountsUnder(t, dir); len(left) > 0 {
+	if left := mounttest.Under(t, dir); len(left) > 0 {
 		t.Errorf("still mounted under %s after Remove: %v", dir, left)
 	}
 	if _, err := os.Lstat(dir); !errors.Is(err, fs.ErrNotExist) {
@@ -155,17 +83,7 @@ func removeShare(t *testing.T, dir string) {
 // test ends; shared makes it a shared mount, as / is on a systemd host.
 func mountTmpfs(t *testing.T, dir string, shared bool) {
 	t.Helper()
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatalf("mount tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
+	mounttest.Tmpfs(t, dir)
 	if shared {
 		if err := unix.Mount("", dir, "", unix.MS_SHARED, ""); err != nil {
 			t.Fatalf("make %s shared: %v", dir, err)
@@ -239,20 +157,20 @@ func TestCreateMountsAPrivateTmpfs(t *testing.T) {
 			if s.Dir() != dir {
 				t.Errorf("Dir() = %s, want %s", s.Dir(), dir)
 			}
-			under := mountsUnder(t, dir)
+			under := mounttest.Under(t, dir)
 			if len(under) != 1 {
 				t.Fatalf("mounts under %s: %v, want the share's tmpfs only", dir, under)
 			}
 			m := under[0]
-			if m.fstype != "tmpfs" {
-				t.Errorf("%s is %s, want tmpfs", dir, m.fstype)
+			if m.FSType != "tmpfs" {
+				t.Errorf("%s is %s, want tmpfs", dir, m.FSType)
 			}
 			if isShared(m) {
-				t.Errorf("%s is shared (%v), want private", dir, m.optional)
+				t.Errorf("%s is shared (%v), want private", dir, m.Optional)
 			}
 			for _, opt := range []string{"nosuid", "nodev"} {
-				if !slices.Contains(m.options, opt) {
-					t.Errorf("%s options %v, want %s", dir, m.options, opt)
+				if !slices.Contains(m.Options, opt) {
+					t.Errorf("%s options %v, want %s", dir, m.Options, opt)
 				}
 			}
 			if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
@@ -277,8 +195,8 @@ func TestCreateReplacesAStaleShare(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Create over a stale share: %v", err)
 	}
-	under := mountsUnder(t, s.Dir())
-	if len(under) != 1 || under[0].fstype != "tmpfs" {
+	under := mounttest.Under(t, s.Dir())
+	if len(under) != 1 || under[0].FSType != "tmpfs" {
 		t.Errorf("mounts under %s: %v, want one tmpfs", s.Dir(), under)
 	}
 	if entries, err := os.ReadDir(s.Dir()); err != nil || len(entries) != 0 {
@@ -300,7 +218,7 @@ func TestCreateRefusesADirectoryThatHoldsFiles(t *testing.T) {
 	if got := readFile(t, filepath.Join(dir, "precious.txt")); got != "not a share's" {
 		t.Errorf("precious.txt = %q after Create", got)
 	}
-	if left := mountsUnder(t, dir); len(left) > 0 {
+	if left := mounttest.Under(t, dir); len(left) > 0 {
 		t.Errorf("mounted under %s: %v", dir, left)
 	}
 }

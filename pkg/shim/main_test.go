@@ -2,13 +2,11 @@ package shim
 
 import (
 	"context"
-	"fmt"
 	"os"
-	"runtime"
-	"slices"
 	"testing"
 	"time"
 
+	"github.com/boxlite/boxlite/internal/leakcheck"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -40,61 +38,12 @@ func testCtx(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// checkLeaks fails the test if, within testTimeout of its end, it still has
-// more goroutines or open descriptors than when this was called, or any
-// child process (zombies included). Call it before the test starts
-// anything.
+// checkLeaks fails the test if, when it ends, it has left more goroutines
+// or open descriptors than when this was called, or any child process
+// (zombies included). Call it before the test starts anything.
 func checkLeaks(t *testing.T) {
 	t.Helper()
-	// The netpoller's descriptors are made on first use: make them now.
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Close()
-	w.Close()
-	goroutines, fds := runtime.NumGoroutine(), countFDs(t)
-	kidsBefore := reaper.Children(os.Getpid())
-	t.Cleanup(func() {
-		var problem string
-		deadline := time.Now().Add(testTimeout)
-		for {
-			problem = ""
-			if g := runtime.NumGoroutine(); g > goroutines {
-				problem = fmt.Sprintf("%d goroutines, had %d", g, goroutines)
-			} else if n := countFDs(t); n > fds {
-				problem = fmt.Sprintf("%d open descriptors, had %d", n, fds)
-			} else if kids := newChildren(kidsBefore); len(kids) > 0 {
-				problem = fmt.Sprintf("child processes %v", kids)
-			} else {
-				return
-			}
-			if time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(5 * time.Millisecond) // polling with a deadline
-		}
-		buf := make([]byte, 1<<16)
-		t.Errorf("leak: %s\n%s", problem, buf[:runtime.Stack(buf, true)])
-	})
-}
-
-// newChildren lists this process's children that are not in before.
-func newChildren(before []int) []int {
-	var out []int
-	for _, pid := range reaper.Children(os.Getpid()) {
-		if !slices.Contains(before, pid) {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
+	leakcheck.Goroutines(t)
+	leakcheck.FDs(t)
+	leakcheck.Children(t)
 }

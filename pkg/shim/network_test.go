@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -18,8 +17,10 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/boxlite/boxlite/internal/poll"
 	"github.com/boxlite/boxlite/pkg/agent/api"
 	"github.com/boxlite/boxlite/pkg/netns"
+	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 	"github.com/boxlite/boxlite/pkg/network"
 )
 
@@ -285,81 +286,6 @@ func TestNewBoxNetworkRefusesABadNamespacePath(t *testing.T) {
 	}
 }
 
-// nsID is the device and inode that name a namespace.
-type nsID struct{ dev, ino uint64 }
-
-func fileNS(t *testing.T, f *os.File) nsID {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		t.Fatal(err)
-	}
-	return nsID{st.Dev, st.Ino}
-}
-
-// nsRefs lists this process's threads and descriptors that are in or
-// hold the namespace id.
-func nsRefs(id nsID) []string {
-	tasks, _ := filepath.Glob("/proc/self/task/*/ns/net")
-	fds, _ := filepath.Glob("/proc/self/fd/*")
-	var refs []string
-	for _, p := range append(tasks, fds...) {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && st.Dev == id.dev && st.Ino == id.ino {
-			refs = append(refs, p)
-		}
-	}
-	return refs
-}
-
-// waitFor polls cond until it returns nil, failing the test with its last
-// error after testTimeout.
-func waitFor(t *testing.T, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v: %v", what, testTimeout, err)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// handleIn returns a netlink handle in ns, closed when the test ends.
-func handleIn(t *testing.T, ns *os.File) *netlink.Handle {
-	t.Helper()
-	var h *netlink.Handle
-	if err := netns.Do(ns, func() error {
-		var err error
-		h, err = netlink.NewHandle()
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
-}
-
-// tapsIn lists the taps seen through h.
-func tapsIn(t *testing.T, h *netlink.Handle) []string {
-	t.Helper()
-	links, err := h.LinkList()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, network.TapPrefix) {
-			out = append(out, l.Attrs().Name)
-		}
-	}
-	return out
-}
-
 // A network entry without a path gets a namespace of the shim's own, with
 // one tap (a random locally administered MAC) for a network configured
 // later; teardown closes the tap and the namespace, which is then gone.
@@ -381,16 +307,16 @@ func TestNewBoxNetworkCreatesANamespaceForAnEntryWithoutAPath(t *testing.T) {
 		n.teardown()
 		t.Fatal(err)
 	}
-	id := fileNS(t, ref)
+	id := netnstest.FileID(t, ref)
 	own, err := os.Open("/proc/self/ns/net")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fileNS(t, own) == id {
+	if netnstest.FileID(t, own) == id {
 		t.Errorf("the box's namespace is the test's own")
 	}
 	own.Close()
-	h := handleIn(t, ref)
+	h := netnstest.Handle(t, ref)
 
 	nics := n.nics()
 	if len(nics) != 1 || nics[0].Tap == nil || nics[0].User != nil {
@@ -399,7 +325,7 @@ func TestNewBoxNetworkCreatesANamespaceForAnEntryWithoutAPath(t *testing.T) {
 	if mac := nics[0].MAC; len(mac) != 6 || mac[0]&1 != 0 || mac[0]&2 == 0 {
 		t.Errorf("NIC MAC %s is not a locally administered unicast address", mac)
 	}
-	if got := tapsIn(t, h); !slices.Equal(got, []string{network.TapPrefix + "0"}) {
+	if got := netnstest.LinkNames(t, h, network.TapPrefix); !slices.Equal(got, []string{network.TapPrefix + "0"}) {
 		t.Errorf("taps in the namespace: %q, want %s0", got, network.TapPrefix)
 	}
 	// Nothing configured the namespace: the box starts with loopback only.
@@ -409,8 +335,8 @@ func TestNewBoxNetworkCreatesANamespaceForAnEntryWithoutAPath(t *testing.T) {
 	if err := n.teardown(); err != nil {
 		t.Errorf("teardown() = %v", err)
 	}
-	waitFor(t, "the tap goes with its descriptor", func() error {
-		if taps := tapsIn(t, h); len(taps) > 0 {
+	poll.Until(t, "the tap goes with its descriptor", func() error {
+		if taps := netnstest.LinkNames(t, h, network.TapPrefix); len(taps) > 0 {
 			return fmt.Errorf("taps left: %v", taps)
 		}
 		return nil
@@ -418,12 +344,7 @@ func TestNewBoxNetworkCreatesANamespaceForAnEntryWithoutAPath(t *testing.T) {
 	assertNoNetState(t, dir)
 	h.Close()
 	ref.Close()
-	waitFor(t, "nothing holds the namespace", func() error {
-		if refs := nsRefs(id); len(refs) > 0 {
-			return fmt.Errorf("still held by %v", refs)
-		}
-		return nil
-	})
+	netnstest.WaitReleased(t, id)
 }
 
 // boxNS is a named network namespace as CNI leaves it: eth0 (the peer of
@@ -440,32 +361,21 @@ type boxNS struct {
 // unmounted and closed when the test ends.
 func newBoxNS(t *testing.T) *boxNS {
 	t.Helper()
-	ns, err := netns.New()
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := fileNS(t, ns)
+	ns := netnstest.New(t)
 	path := filepath.Join(t.TempDir(), "cni-test")
 	if err := os.WriteFile(path, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Mount(fmt.Sprintf("/proc/self/fd/%d", ns.Fd()), path, "", unix.MS_BIND, ""); err != nil {
-		ns.Close()
 		t.Fatalf("bind the namespace at %s: %v", path, err)
 	}
+	// Registered after New's: runs before the namespace is closed.
 	t.Cleanup(func() {
 		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
 			t.Errorf("unmount %s: %v", path, err)
 		}
-		ns.Close()
-		waitFor(t, "nothing holds the test namespace", func() error {
-			if refs := nsRefs(id); len(refs) > 0 {
-				return fmt.Errorf("still held by %v", refs)
-			}
-			return nil
-		})
 	})
-	b := &boxNS{path: path, ns: ns, h: handleIn(t, ns)}
+	b := &boxNS{path: path, ns: ns, h: netnstest.Handle(t, ns)}
 	if err := b.h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "peer0"}); err != nil {
 		t.Fatalf("add veth: %v", err)
 	}
@@ -596,8 +506,8 @@ func TestBoxNetworkWiresTheSpecsNamespace(t *testing.T) {
 	if b.hasIngress(t) {
 		t.Errorf("eth0 is still wired after teardown")
 	}
-	waitFor(t, "the tap goes with its descriptor", func() error {
-		if taps := tapsIn(t, b.h); len(taps) > 0 {
+	poll.Until(t, "the tap goes with its descriptor", func() error {
+		if taps := netnstest.LinkNames(t, b.h, network.TapPrefix); len(taps) > 0 {
 			return fmt.Errorf("taps left: %v", taps)
 		}
 		return nil

@@ -2,11 +2,9 @@ package shim
 
 import (
 	"errors"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -15,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/boxlite/boxlite/internal/mounttest"
 	"github.com/boxlite/boxlite/pkg/agent/api"
 	"github.com/boxlite/boxlite/pkg/share"
 )
@@ -62,59 +61,19 @@ func TestIsBindMountFollowsRunc(t *testing.T) {
 // per-mount options.
 func mountpoints(t *testing.T, dir string) map[string][]string {
 	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
 	out := map[string][]string{}
-	for line := range strings.Lines(string(data)) {
-		f := strings.Fields(line)
-		if len(f) < 6 {
-			t.Fatalf("mountinfo line %q", line)
-		}
-		mp := unescapeMountinfo(f[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out[mp] = strings.Split(f[5], ",")
-		}
+	for _, m := range mounttest.Under(t, dir) {
+		out[m.Point] = m.Options
 	}
 	return out
 }
 
-// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMountinfo(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
 // mountRoot returns a temporary directory for one test's sources and
-// share. When the test ends it fails if anything is still mounted under
-// it, and detaches what is, so that removing the directory can never
-// delete through a bind mount.
+// share, which must hold no mount when the test ends (mounttest.Root).
 func mountRoot(t *testing.T) string {
 	t.Helper()
 	requireRoot(t)
-	root := t.TempDir()
-	t.Cleanup(func() {
-		left := mountpoints(t, root)
-		if len(left) == 0 {
-			return
-		}
-		t.Errorf("still mounted under %s: %v", root, left)
-		for _, p := range slices.Backward(slices.Sorted(maps.Keys(left))) {
-			unix.Unmount(p, unix.MNT_DETACH)
-		}
-	})
-	return root
+	return mounttest.Root(t)
 }
 
 // testShare creates the share root/share, removed when the test ends.
@@ -136,17 +95,7 @@ func testShare(t *testing.T, root string) *share.Share {
 // the test ends.
 func mountTmpfs(t *testing.T, dir, name string) {
 	t.Helper()
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatalf("mount tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
+	mounttest.Tmpfs(t, dir)
 	writeFile(t, filepath.Join(dir, name), name)
 }
 

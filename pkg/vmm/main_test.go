@@ -7,14 +7,10 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"runtime"
-	"strconv"
-	"strings"
 	"syscall"
 	"testing"
-	"time"
 
+	"github.com/boxlite/boxlite/internal/leakcheck"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -112,57 +108,7 @@ func serveFakeQMP(conn net.Conn, mode string) bool {
 func checkLeaks(t *testing.T) {
 	t.Helper()
 	reaper.Default() // its loop goroutine lives as long as the process
-	goroutines, fds := runtime.NumGoroutine(), countFDs(t)
-	t.Cleanup(func() {
-		var problem string
-		deadline := time.Now().Add(5 * time.Second)
-		for time.Now().Before(deadline) {
-			problem = ""
-			if g := runtime.NumGoroutine(); g > goroutines {
-				problem = fmt.Sprintf("%d goroutines, had %d", g, goroutines)
-			} else if n := countFDs(t); n > fds {
-				problem = fmt.Sprintf("%d open descriptors, had %d", n, fds)
-			} else if kids := children(t); len(kids) > 0 {
-				problem = fmt.Sprintf("child processes %v", kids)
-			} else {
-				return
-			}
-			runtime.Gosched()
-			time.Sleep(10 * time.Millisecond) // polling with a deadline
-		}
-		buf := make([]byte, 1<<16)
-		t.Errorf("leak: %s\n%s", problem, buf[:runtime.Stack(buf, true)])
-	})
-}
-
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
-// children lists the pids whose parent is this process, zombies included.
-func children(t *testing.T) []int {
-	t.Helper()
-	dirs, _ := filepath.Glob("/proc/[0-9]*/stat")
-	var kids []int
-	me := os.Getpid()
-	for _, d := range dirs {
-		b, err := os.ReadFile(d)
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-		if len(fields) > 1 {
-			if ppid, _ := strconv.Atoi(fields[1]); ppid == me {
-				pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(d)))
-				kids = append(kids, pid)
-			}
-		}
-	}
-	return kids
+	leakcheck.Goroutines(t)
+	leakcheck.FDs(t)
+	leakcheck.Children(t)
 }
