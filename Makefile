@@ -60,7 +60,7 @@ check: $(BIN)/boxlite ## Tell whether boxes can run on this machine.
 
 .PHONY: unit
 unit: ## Run the unit tests (with -race).
-	$(GO) test -race -count=1 ./pkg/... ./cmd/...
+	$(GO) test -race -count=1 ./pkg/... ./internal/... ./cmd/...
 
 .PHONY: integration
 integration: build ## Run the integration tests (boot real microVMs).
@@ -72,7 +72,7 @@ test: setup build lint unit integration ## Everything CI runs: setup, build, lin
 .PHONY: lint
 lint: ## go vet and gofmt.
 	$(GO) vet ./...
-	@out=$$(gofmt -l cmd pkg integration); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l cmd pkg internal integration); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 .PHONY: bench
 bench: build ## Run the benchmarks and print the tables.
