@@ -121,9 +121,9 @@ func networkOpts(s BoxSpec, dir string) ([]oci.SpecOpts, error) {
 	case len(s.Ports) > 0:
 		return nil, errorf(errdefs.ErrInvalidArgument, "published ports need --network user")
 	case s.Network == NetworkNone:
-		// containerd's default spec has a network namespace without a
-		// path: the shim makes an empty one.
-		return nil, nil
+		// No NIC at all: the VM boots without one and the box has only
+		// loopback (the spec's network namespace without a path stays).
+		return []oci.SpecOpts{oci.WithAnnotations(map[string]string{annotationNetwork: NetworkNone})}, nil
 	case strings.HasPrefix(s.Network, networkNetNSPrefix) && len(s.Network) > len(networkNetNSPrefix):
 		path := strings.TrimPrefix(s.Network, networkNetNSPrefix)
 		if !filepath.IsAbs(path) {

@@ -13,8 +13,8 @@ const InfoFile = "network.json"
 
 // Info is a started box's network as its guest sees it.
 type Info struct {
-	// Mode is "netns" (the VM in a network namespace) or "user" (QEMU's
-	// user networking).
+	// Mode is "netns" (the VM in a network namespace), "none" (no NIC) or
+	// "user" (QEMU's user networking).
 	Mode string `json:"mode"`
 	// NetNS is the namespace's path; empty for one the shim created.
 	NetNS string `json:"netns,omitempty"`

@@ -115,6 +115,9 @@ func (b *box) startNetwork(ctx context.Context) error {
 		return fmt.Errorf("network of %s: %w", b.id, err)
 	}
 	info := network.Info{Mode: "netns", NetNS: b.net.path}
+	if b.net.ns != nil && len(b.net.taps) == 0 {
+		info.Mode = "none"
+	}
 	if b.net.user != nil {
 		info.Mode = "user"
 		for _, f := range b.net.user.Forwards {

@@ -26,15 +26,20 @@ import (
 const (
 	// AnnotationNetwork "user" gives the box QEMU's user networking
 	// (libslirp): outbound NAT and published ports, with QEMU left in the
-	// shim's own network namespace, where it opens its sockets.
+	// shim's own network namespace, where it opens its sockets. "none"
+	// gives it no NIC at all (loopback only, and no tap to make), with
+	// QEMU in a new, empty network namespace.
 	AnnotationNetwork = "io.boxlite.network"
 	// AnnotationPorts lists the ports published with user networking,
 	// comma-separated, each [IP:]HOSTPORT:BOXPORT[/tcp|udp].
 	AnnotationPorts = "io.boxlite.network.ports"
 )
 
-// networkUser is AnnotationNetwork's one value.
-const networkUser = "user"
+// AnnotationNetwork's values.
+const (
+	networkUser = "user"
+	networkNone = "none"
+)
 
 // netStateFile, in the VM state directory, tells the delete action which
 // interfaces of which namespace to unwire after a shim was killed.
@@ -94,10 +99,21 @@ func newBoxNetwork(spec *specs.Spec, stateDir string) (_ *boxNetwork, retErr err
 		}
 		n.user = &vmm.UserNet{Forwards: fwds}
 		return n, nil
-	case mode != "":
-		return nil, fmt.Errorf("annotation %s=%q: the only value is %q: %w", AnnotationNetwork, mode, networkUser, errdefs.ErrInvalidArgument)
+	case mode != "" && mode != networkNone:
+		return nil, fmt.Errorf("annotation %s=%q: want %q or %q: %w", AnnotationNetwork, mode, networkUser, networkNone, errdefs.ErrInvalidArgument)
 	case spec.Annotations[AnnotationPorts] != "":
 		return nil, fmt.Errorf("annotation %s needs %s=user: %w", AnnotationPorts, AnnotationNetwork, errdefs.ErrInvalidArgument)
+	case mode == networkNone:
+		if hasEntry && entry.Path != "" {
+			return nil, fmt.Errorf("annotation %s=none and the network namespace %s both choose the box's network: %w",
+				AnnotationNetwork, entry.Path, errdefs.ErrInvalidArgument)
+		}
+		ns, err := netns.New()
+		if err != nil {
+			return nil, err
+		}
+		n.ns = ns
+		return n, nil
 	case !hasEntry:
 		return nil, fmt.Errorf("the spec has no network namespace, which asks for the host's network: a VM cannot share it (give the box a network namespace): %w", errdefs.ErrInvalidArgument)
 	}
@@ -201,6 +217,9 @@ func (n *boxNetwork) closeTaps() {
 func (n *boxNetwork) wire(ctx context.Context, id string) (*api.ConfigureNetworkRequest, error) {
 	if n.user != nil {
 		return userConfig(id), nil
+	}
+	if len(n.taps) == 0 {
+		return nil, nil // io.boxlite.network=none: no NIC
 	}
 	links, err := network.Scan(n.ns)
 	if err != nil {

@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -65,9 +66,11 @@ func TestNewBoxNetworkRefusesSpecsWithoutAUsableNetwork(t *testing.T) {
 		{name: "user networking and a namespace path", spec: netSpec(user, netEntry("/var/run/netns/cni-1")),
 			want: "annotation io.boxlite.network=user and the network namespace /var/run/netns/cni-1 both choose the box's network"},
 		{name: "unknown network mode", spec: netSpec(map[string]string{AnnotationNetwork: "bridge"}, netEntry("")),
-			want: `annotation io.boxlite.network="bridge": the only value is "user"`},
+			want: `annotation io.boxlite.network="bridge": want "user" or "none"`},
 		{name: "ports without user networking", spec: netSpec(map[string]string{AnnotationPorts: "8080:80"}, netEntry("")),
 			want: "annotation io.boxlite.network.ports needs io.boxlite.network=user"},
+		{name: "no network and a namespace path", spec: netSpec(map[string]string{AnnotationNetwork: "none"}, netEntry("/var/run/netns/cni-1")),
+			want: "annotation io.boxlite.network=none and the network namespace /var/run/netns/cni-1 both choose the box's network"},
 		{name: "a bad port", spec: netSpec(map[string]string{AnnotationNetwork: "user", AnnotationPorts: "8080:80,8080"}),
 			want: `annotation io.boxlite.network.ports: port "8080": wrong number of fields`},
 	} {
@@ -543,5 +546,23 @@ func TestUnwireStaleUndoesAKilledShimsRedirects(t *testing.T) {
 		if b.hasIngress(t) {
 			t.Errorf("eth0 still wired after unwireStale() #%d", i)
 		}
+	}
+}
+
+// io.boxlite.network=none: QEMU in a new empty namespace, no NIC, nothing to
+// wire at Start.
+func TestNoNetworkHasNoNIC(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	n, err := newBoxNetwork(netSpec(map[string]string{AnnotationNetwork: "none"}, netEntry("")), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.teardown()
+	if n.ns == nil || len(n.nics()) != 0 {
+		t.Errorf("none: namespace %v, NICs %v; want a namespace and no NIC", n.ns, n.nics())
+	}
+	if cfg, err := n.wire(context.Background(), "box"); cfg != nil || err != nil {
+		t.Errorf("wire() = %v, %v; want nothing to configure", cfg, err)
 	}
 }
