@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -40,10 +41,12 @@ func checkNetProbe(t testing.TB, tn *testNet, mac, out string) {
 
 // TestContainerdBoxJoinsTheNetworkNamespaceItIsGiven runs a box with ctr
 // --with-ns network:PATH in a namespace wired by hand (a veth with an
-// address, a route and an MTU of 1400): the box has the veth's address,
-// MAC and MTU, pings the peer and gets an answer from its server; the VMM
-// (the task's pid) is in that namespace; and once the box is gone no tap
-// or redirect is left in it.
+// address, a route and an MTU of 1400, its peer on a bridge): the box has
+// the veth's address, MAC and MTU, pings the gateway across the bridge and
+// gets an answer from a server there; it serves one itself, reached
+// through a port published with DNAT on the bridge's side; the VMM (the
+// task's pid) is in that namespace; and once the box is gone no tap or
+// redirect is left in it.
 func TestContainerdBoxJoinsTheNetworkNamespaceItIsGiven(t *testing.T) {
 	c := startContainerd(t)
 	tn := newTestNet(t)
@@ -52,7 +55,7 @@ func TestContainerdBoxJoinsTheNetworkNamespaceItIsGiven(t *testing.T) {
 	mac := tn.mac(t)
 	logf := filepath.Join(c.dir, "probe.log")
 	id := c.runDetached(t, boxliteRuntime, []string{"--with-ns", "network:" + tn.boxPath, "--log-uri", "file://" + logf},
-		"sh", "-c", netProbe(tn.peerAddr, 9000)+"; echo probe-done; sleep 600")
+		"sh", "-c", netProbe(tn.peerAddr, 9000)+"; echo probe-done; echo served-by-the-box > /tmp/index.html; httpd -f -p 8080 -h /tmp")
 	// The task's pid (the VMM) lives in the box's namespace, which is
 	// what CRI, nerdctl's hooks and ctr --cni rely on.
 	pid := c.taskPid(t, id)
@@ -71,6 +74,20 @@ func TestContainerdBoxJoinsTheNetworkNamespaceItIsGiven(t *testing.T) {
 		return strings.Contains(out, "probe-done")
 	})
 	checkNetProbe(t, tn, mac, out)
+	addr := tn.publish(t, 18080, 8080)
+	var got string
+	waitFor(t, time.Minute, "the box's server through the published port", func() bool {
+		conn, err := dialIn("/var/run/netns/"+tn.peer, addr, 5*time.Second)
+		if err != nil {
+			return false
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(conn, "GET /index.html HTTP/1.0\r\n\r\n")
+		data, _ := io.ReadAll(conn)
+		got = string(data)
+		return strings.Contains(got, "served-by-the-box")
+	})
 	c.killAndDelete(t, id)
 	tn.assertUnwired(t)
 }

@@ -21,8 +21,9 @@ import (
 var netSeq atomic.Uint32
 
 // testNet is a box network namespace and a peer namespace joined by a veth
-// pair: eth0 (10.201.N.2/24, MTU 1400, default route via .1) in the box's,
-// peer0 (10.201.N.1/24) in the peer's.
+// pair, as a CNI bridge plugin joins them: eth0 (10.201.N.2/24, MTU 1400,
+// default route via .1) in the box's, peer0 in the peer's, enslaved to the
+// bridge bxbr which holds the gateway address 10.201.N.1/24.
 type testNet struct {
 	// box and peer are the namespaces' names under /var/run/netns.
 	box, peer string
@@ -64,8 +65,20 @@ func (tn *testNet) wire(t testing.TB) {
 	mustHost(t, "ip", "-n", tn.box, "link", "set", "eth0", "mtu", fmt.Sprint(tn.mtu), "up")
 	mustHost(t, "ip", "-n", tn.box, "addr", "add", tn.addr+"/24", "dev", "eth0")
 	mustHost(t, "ip", "-n", tn.box, "route", "add", "default", "via", tn.peerAddr)
-	mustHost(t, "ip", "-n", tn.peer, "link", "set", "peer0", "mtu", fmt.Sprint(tn.mtu), "up")
-	mustHost(t, "ip", "-n", tn.peer, "addr", "add", tn.peerAddr+"/24", "dev", "peer0")
+	mustHost(t, "ip", "-n", tn.peer, "link", "add", "bxbr", "type", "bridge")
+	mustHost(t, "ip", "-n", tn.peer, "link", "set", "peer0", "mtu", fmt.Sprint(tn.mtu), "master", "bxbr", "up")
+	mustHost(t, "ip", "-n", tn.peer, "link", "set", "bxbr", "mtu", fmt.Sprint(tn.mtu), "up")
+	mustHost(t, "ip", "-n", tn.peer, "addr", "add", tn.peerAddr+"/24", "dev", "bxbr")
+}
+
+// publish forwards the peer's port to the box's port with a DNAT rule in
+// the peer namespace, as CNI's portmap plugin publishes a port; it returns
+// the published address. The rule goes with the namespace.
+func (tn *testNet) publish(t testing.TB, port, boxPort int) string {
+	t.Helper()
+	mustHost(t, "ip", "netns", "exec", tn.peer, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", tn.peerAddr, "-p", "tcp",
+		"--dport", fmt.Sprint(port), "-j", "DNAT", "--to-destination", fmt.Sprintf("%s:%d", tn.addr, boxPort))
+	return fmt.Sprintf("%s:%d", tn.peerAddr, port)
 }
 
 // mac is eth0's MAC.
