@@ -43,10 +43,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/boxlite/boxlite/pkg/reaper"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/internal/errclass"
+	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
 // Bounds of one hook run.
@@ -267,31 +269,7 @@ func kill(p *reaper.Process) {
 	_ = p.Signal(unix.SIGKILL)
 }
 
-// classified is an error with a message for people and a class for code:
-// errors.Is matches the class (an errdefs error or a ctx error) and any %w
-// cause, while the message does not end in the class's name.
-type classified struct {
-	// msg is the whole message.
-	msg string
-	// class is the errdefs class, or the ctx error.
-	class error
-	// cause is the error wrapped with %w, or nil.
-	cause error
-}
-
-func (e *classified) Error() string { return e.msg }
-
-// Unwrap returns the class and the cause, if any: never a nil error (which
-// errgrpc.ToGRPC, walking the tree, would dereference).
-func (e *classified) Unwrap() []error {
-	if e.cause == nil {
-		return []error{e.class}
-	}
-	return []error{e.class, e.cause}
-}
-
 // classify formats an error of class; a %w in format wraps a cause.
 func classify(class error, format string, args ...any) error {
-	err := fmt.Errorf(format, args...)
-	return &classified{msg: err.Error(), class: class, cause: errors.Unwrap(err)}
+	return errclass.Errorf(class, format, args...)
 }

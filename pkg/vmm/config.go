@@ -13,6 +13,8 @@ import (
 	"unicode"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/boxlite/boxlite/internal/errclass"
 )
 
 // Defaults applied by NewQEMU to zero Config fields.
@@ -84,18 +86,8 @@ type Config struct {
 	host *Host
 }
 
-// classified is an error with a clean message that also matches an errdefs
-// class with errors.Is.
-type classified struct {
-	class error
-	err   error
-}
-
-func (e *classified) Error() string   { return e.err.Error() }
-func (e *classified) Unwrap() []error { return []error{e.class, e.err} }
-
 // classify attaches an errdefs class to err without changing its message.
-func classify(class, err error) error { return &classified{class: class, err: err} }
+func classify(class, err error) error { return errclass.Wrap(class, err) }
 
 // validate fills defaults and checks every field, returning the first
 // problem with a message that says how to fix it.
@@ -129,7 +121,7 @@ func (c *Config) validate() error {
 }
 
 func invalid(format string, args ...any) error {
-	return classify(errdefs.ErrInvalidArgument, fmt.Errorf(format, args...))
+	return errclass.Errorf(errdefs.ErrInvalidArgument, format, args...)
 }
 
 func (c *Config) validateFiles() error {
