@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"runtime"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -16,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	bxnetns "github.com/boxlite/boxlite/pkg/netns"
 )
 
 // dumpRetries bounds the retries of a netlink dump interrupted by a
@@ -132,47 +132,21 @@ func configureLinks(root, target netns.NsHandle, plan *netPlan) error {
 
 // newHandleAt returns a route netlink handle whose socket lives in ns.
 // netlink enters ns on the calling thread to open it, and moves back: it
-// does so on a thread of its own (see onLockedThread).
+// does so on a locked thread of its own (bxnetns.Do), never on one of the
+// agent's.
 func newHandleAt(ns netns.NsHandle) (*netlink.Handle, error) {
 	var h *netlink.Handle
-	var err error
-	if terr := onLockedThread(func() {
+	err := bxnetns.Do(nil, func() error {
+		var err error
 		// Route netlink only: the guest kernel has no xfrm or netfilter.
 		h, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	}); terr != nil {
-		if h != nil {
-			h.Close()
-		}
-		return nil, terr
+		return err
+	})
+	if err != nil && h != nil {
+		h.Close()
+		h = nil
 	}
 	return h, err
-}
-
-// onLockedThread runs fn on a new goroutine locked to its thread, which fn
-// may move to other network namespaces. The thread is put back into its
-// original namespace afterwards; when that fails it stays locked, so Go
-// ends it (or, for the main thread, parks it) with the goroutine instead of
-// running other goroutines in the wrong namespace.
-func onLockedThread(fn func()) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("open the thread's network namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		fn()
-		if err := netns.Set(orig); err != nil {
-			done <- fmt.Errorf("return the thread to its network namespace: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- nil
-	}()
-	return <-done
 }
 
 // upLoopback sets lo up (the runtime normally has).

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	bxnetns "github.com/boxlite/boxlite/pkg/netns"
 	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
@@ -95,18 +96,15 @@ func killInit(t *testing.T, handle *reaper.Process) {
 	}
 }
 
-// inNetns runs fn on a thread in ns (onLockedThread); fn does not run if
-// the thread cannot enter ns.
+// inNetns runs fn on a thread in ns (bxnetns.Do); fn does not run if the
+// thread cannot enter ns.
 func inNetns(ns netns.NsHandle, fn func() error) error {
-	var err error
-	if terr := onLockedThread(func() {
-		if err = netns.Set(ns); err == nil {
-			err = fn()
+	return bxnetns.Do(nil, func() error {
+		if err := netns.Set(ns); err != nil {
+			return err
 		}
-	}); terr != nil {
-		return terr
-	}
-	return err
+		return fn()
+	})
 }
 
 func TestAgentConfigureNetworkConfiguresTheInitsNamespace(t *testing.T) {

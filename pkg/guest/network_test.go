@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	bxnetns "github.com/boxlite/boxlite/pkg/netns"
 	"github.com/boxlite/boxlite/pkg/netns/netnstest"
 )
 
@@ -33,17 +34,17 @@ func requireNetAdmin(t *testing.T) {
 
 // newTestNetns returns a new, empty network namespace that nothing else
 // uses. It is created on a locked thread that is then returned to its own
-// namespace (onLockedThread), so no thread stays in it. It is closed when
+// namespace (bxnetns.Do), so no thread stays in it. It is closed when
 // the test ends, and must then be released (netnstest.Release).
 func newTestNetns(t *testing.T) netns.NsHandle {
 	t.Helper()
 	requireNetAdmin(t)
 	var ns netns.NsHandle
-	var err error
-	if terr := onLockedThread(func() { ns, err = netns.New() }); terr != nil {
-		t.Fatal(terr)
-	}
-	if err != nil {
+	if err := bxnetns.Do(nil, func() error {
+		var err error
+		ns, err = netns.New()
+		return err
+	}); err != nil {
 		t.Fatalf("new network namespace: %v", err)
 	}
 	netnstest.Release(t, int(ns), ns.Close)

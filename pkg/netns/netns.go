@@ -16,6 +16,7 @@ import (
 	"runtime"
 
 	"github.com/containerd/errdefs"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -65,10 +66,29 @@ func New() (*os.File, error) {
 	return ns, nil
 }
 
-// Do runs fn on an OS thread inside the network namespace ns and returns
-// its error. fn must not start goroutines that expect to be in ns.
+// Do runs fn on an OS thread inside the network namespace ns (nil: ours)
+// and returns its error. fn may move the thread to other namespaces: it is
+// moved back afterwards, or ends with fn's goroutine when that fails. fn
+// must not start goroutines that expect to be in ns.
 func Do(ns *os.File, fn func() error) error {
 	return do(ns, fn)
+}
+
+// Handle returns a route netlink handle whose socket is in the namespace
+// ns; it works from any thread. Route netlink is all boxlite needs (links,
+// addresses, routes, neighbours, qdiscs, filters), and the guest kernel has
+// no other netlink family.
+func Handle(ns *os.File) (*netlink.Handle, error) {
+	var h *netlink.Handle
+	err := do(ns, func() error {
+		var err error
+		h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("netlink in %s: %w", ns.Name(), err)
+	}
+	return h, nil
 }
 
 // do runs fn on a locked thread, entered into ns first when ns is set; the

@@ -63,7 +63,7 @@ func (t *Tap) Close() error { return t.File.Close() }
 // other than an IPv6 link-local one, in index order: loopback and taps are
 // never among them.
 func Scan(ns *os.File) ([]Link, error) {
-	h, err := handleAt(ns)
+	h, err := netns.Handle(ns)
 	if err != nil {
 		return nil, err
 	}
@@ -229,18 +229,4 @@ func RandomMAC() (net.HardwareAddr, error) {
 	}
 	mac[0] = mac[0]&^1 | 2
 	return mac, nil
-}
-
-// handleAt returns a netlink handle whose socket is in the namespace ns.
-func handleAt(ns *os.File) (*netlink.Handle, error) {
-	var h *netlink.Handle
-	err := netns.Do(ns, func() error {
-		var err error
-		h, err = netlink.NewHandle()
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("netlink in %s: %w", ns.Name(), err)
-	}
-	return h, nil
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/pkg/netns"
 )
 
 // Config is what the guest must configure for the interfaces it took over.
@@ -63,7 +65,7 @@ type Pair struct {
 // configure. It is idempotent: a second call replaces the filters. On
 // failure the redirects it made are removed.
 func Wire(ns *os.File, pairs []Pair) (*Config, error) {
-	h, err := handleAt(ns)
+	h, err := netns.Handle(ns)
 	if err != nil {
 		return nil, err
 	}
@@ -156,7 +158,7 @@ func ingress(index int) *netlink.Ingress {
 // named interfaces of ns. Interfaces that are gone (a CNI plugin deleted
 // them, or the namespace went) are not an error; taps go with their VMM.
 func Unwire(ns *os.File, names []string) error {
-	h, err := handleAt(ns)
+	h, err := netns.Handle(ns)
 	if err != nil {
 		return err
 	}

@@ -106,14 +106,9 @@ func New(t testing.TB) *os.File {
 // test ends (before ns, if ns is of New or Release and was made first).
 func Handle(t testing.TB, ns *os.File) *netlink.Handle {
 	t.Helper()
-	var h *netlink.Handle
-	err := netns.Do(ns, func() error {
-		var err error
-		h, err = netlink.NewHandle()
-		return err
-	})
+	h, err := netns.Handle(ns)
 	if err != nil {
-		t.Fatalf("netlink handle in %s: %v", ns.Name(), err)
+		t.Fatal(err)
 	}
 	t.Cleanup(h.Close)
 	return h
