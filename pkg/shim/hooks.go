@@ -6,12 +6,10 @@ import (
 	"fmt"
 
 	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/boxlite/boxlite/pkg/hooks"
-	"github.com/boxlite/boxlite/pkg/network"
 )
 
 // The OCI hook kinds the shim runs, on the host; the guest never sees a
@@ -102,42 +100,6 @@ func (b *box) runHooksPid(ctx context.Context, pid int, kinds ...string) error {
 				log.G(ctx).WithError(err).WithField("id", b.id).Warnf("%s hook failed", kind)
 			}
 		}
-	}
-	return nil
-}
-
-// startNetwork wires the box's network namespace to its VM and configures
-// the guest's interfaces, just before the container's process starts, and
-// records the result for `boxlite inspect`.
-func (b *box) startNetwork(ctx context.Context) error {
-	cfg, err := b.net.wire(ctx, b.id)
-	if err != nil {
-		return fmt.Errorf("network of %s: %w", b.id, err)
-	}
-	info := network.Info{Mode: "netns", NetNS: b.net.path}
-	if b.net.ns != nil && len(b.net.taps) == 0 {
-		info.Mode = "none"
-	}
-	if b.net.user != nil {
-		info.Mode = "user"
-		for _, f := range b.net.user.Forwards {
-			info.Ports = append(info.Ports, f.String())
-		}
-	}
-	if cfg != nil {
-		if _, err := b.sb.Agent().ConfigureNetwork(ctx, cfg); err != nil {
-			return fmt.Errorf("configure the network of %s in the guest: %w", b.id, errgrpc.ToNative(err))
-		}
-		for _, i := range cfg.Interfaces {
-			mac := i.Mac
-			if mac == "" {
-				mac = i.DeviceMac
-			}
-			info.Interfaces = append(info.Interfaces, network.InfoInterface{Name: i.Name, MAC: mac, Addresses: i.Addresses})
-		}
-	}
-	if err := network.WriteInfo(b.bundle, info); err != nil {
-		log.G(ctx).WithError(err).WithField("id", b.id).Warn("write network info")
 	}
 	return nil
 }
