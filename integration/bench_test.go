@@ -50,7 +50,7 @@ func BenchmarkGuestBootVsFloor(b *testing.B) {
 			b.Fatal(err)
 		}
 		readies = append(readies, sb.BootTime)
-		rss = append(rss, rssKiB(sb.VM().Identity().Pid))
+		rss = append(rss, rssKiB(sb.Identity().Pid))
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := sb.Stop(ctx); err != nil {
 			b.Fatal(err)

@@ -341,7 +341,7 @@ func TestGuestTwoVMsAtOnce(t *testing.T) {
 		var pids []int
 		for _, sb := range sbs {
 			if sb != nil {
-				pids = append(pids, sb.VM().Identity().Pid)
+				pids = append(pids, sb.Identity().Pid)
 				if err := sb.Stop(ctx); err != nil {
 					t.Errorf("stop: %v", err)
 				}
@@ -356,7 +356,7 @@ func TestGuestTwoVMsAtOnce(t *testing.T) {
 			t.Fatalf("vm %d: %v", i, errs[i])
 		}
 	}
-	if sbs[0].VM().Identity().Pid == sbs[1].VM().Identity().Pid {
+	if sbs[0].Identity().Pid == sbs[1].Identity().Pid {
 		t.Fatal("both sandboxes report the same VMM")
 	}
 	for i, sb := range sbs {
@@ -427,13 +427,13 @@ func TestGuestShutdownStopsTheVMGracefully(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pid := sb.VM().Identity().Pid
+	pid := sb.Identity().Pid
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := sb.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e, err := sb.VM().Wait(ctx)
+	e, err := sb.Wait(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -556,7 +556,7 @@ func readPidFile(dir string) (int, error) {
 func TestGuestReturnsFreedMemoryToTheHost(t *testing.T) {
 	rootfs := busyboxRootfs(t)
 	sb := startSandbox(t, rootfs, vmOpts{})
-	pid := sb.VM().Identity().Pid
+	pid := sb.Identity().Pid
 	idle := rssKiB(pid)
 	// 60 MiB through the container's 64 MiB /dev/shm, then freed.
 	spec := newSpec(t, "touch", []string{"sh", "-c", "dd if=/dev/zero of=/dev/shm/x bs=1M count=60 2>/dev/null && rm /dev/shm/x"})

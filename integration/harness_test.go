@@ -146,7 +146,7 @@ func startSandbox(t testing.TB, rootfs string, o vmOpts) *sandbox.Sandbox {
 	if err != nil {
 		t.Fatalf("start sandbox: %v", err)
 	}
-	pid := sb.VM().Identity().Pid
+	pid := sb.Identity().Pid
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()

@@ -33,47 +33,57 @@ const consoleLines = 15
 
 // Config describes one sandbox.
 type Config struct {
-	// VM configures the microVM. GuestShutdown is set by the sandbox.
+	// VM configures the microVM; its Share is the guest's ShareTag.
 	VM vmm.Config
 	// BootTimeout bounds launch to agent-ready (default DefaultBootTimeout).
 	BootTimeout time.Duration
 }
 
-// vm is what a sandbox needs from its VMM.
+// ShareTag is the 9p mount tag under which the guest finds Config.VM.Share.
+const ShareTag = vmm.ShareTag
+
+// vm is what a sandbox needs from its VMM (a *vmm.QEMU; a fake in tests).
 type vm interface {
 	Start(ctx context.Context) error
 	Done() <-chan struct{}
 	Wait(ctx context.Context) (reaper.Exit, error)
 	Stop(ctx context.Context) error
 	Kill() error
+	Identity() reaper.Identity
+	OOMKilled() bool
 	AgentSocket() string
 	ConsoleTail(n int) []string
 }
 
-// Sandbox is a running microVM with a connected agent.
+// Sandbox is a running microVM with a connected agent. It is the only door
+// to the VM: callers ask it for the VMM's pid, whether the host's OOM killer
+// took it, and to stop it; they never reach the VMM itself.
 type Sandbox struct {
 	vm    vm
-	qemu  *vmm.QEMU
 	agent *agent.Client
+	// shutdownGuest asks the guest to shut itself down (the agent's
+	// Shutdown; replaced in tests).
+	shutdownGuest func(ctx context.Context) error
 	// Info is the agent's answer to the readiness ping.
 	Info *api.PingResponse
 	// BootTime is launch to agent-ready.
 	BootTime time.Duration
 
-	stopOnce sync.Once
-	stopErr  error
+	// stopMu serialises Stop; stopped says one succeeded. A failed Stop
+	// is remembered by nobody: the next one tries again.
+	stopMu  sync.Mutex
+	stopped bool
 }
 
 // Start boots a VM and connects to its agent. On any failure the VM is
 // killed and reaped before Start returns. ctx bounds the boot only.
 func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
-	s := &Sandbox{}
-	cfg.VM.GuestShutdown = s.shutdownGuest
 	q, err := vmm.NewQEMU(cfg.VM)
 	if err != nil {
 		return nil, err
 	}
-	s.vm, s.qemu = q, q
+	s := &Sandbox{vm: q}
+	s.shutdownGuest = s.agentShutdown
 	timeout := cfg.BootTimeout
 	if timeout <= 0 {
 		timeout = DefaultBootTimeout
@@ -161,15 +171,24 @@ func (s *Sandbox) watch() {
 // Agent returns the client of the guest agent.
 func (s *Sandbox) Agent() *agent.Client { return s.agent }
 
-// VM returns the VMM handle (pid, start time, console).
-func (s *Sandbox) VM() *vmm.QEMU { return s.qemu }
+// Identity is the VMM's pid and start time.
+func (s *Sandbox) Identity() reaper.Identity { return s.vm.Identity() }
+
+// Pid is the VMM's pid: the "pid" of every task in the sandbox, as with Kata.
+func (s *Sandbox) Pid() uint32 { return uint32(s.vm.Identity().Pid) }
+
+// OOMKilled reports, once Done is closed, whether the host's OOM killer
+// killed the VMM.
+func (s *Sandbox) OOMKilled() bool { return s.vm.OOMKilled() }
 
 // Done is closed when the VM has exited and been reaped.
 func (s *Sandbox) Done() <-chan struct{} { return s.vm.Done() }
 
-// shutdownGuest is the VMM's graceful stop hook: ask the agent to sync and
-// reboot the guest.
-func (s *Sandbox) shutdownGuest(ctx context.Context) error {
+// Wait blocks until the VM has exited and been reaped, or ctx is done.
+func (s *Sandbox) Wait(ctx context.Context) (reaper.Exit, error) { return s.vm.Wait(ctx) }
+
+// agentShutdown asks the agent to sync and reboot the guest.
+func (s *Sandbox) agentShutdown(ctx context.Context) error {
 	if s.agent == nil {
 		return errors.New("no agent connection")
 	}
@@ -177,23 +196,68 @@ func (s *Sandbox) shutdownGuest(ctx context.Context) error {
 	return err
 }
 
-// Stop shuts the guest down gracefully (agent, then QMP quit), SIGKILLs it at
-// ctx's deadline, and returns once the VMM is reaped. It is idempotent.
+// Stop shuts the VM down and returns once the VMM is reaped: it asks the
+// guest to shut down and waits up to half of the time left for the VMM to
+// exit, then stops the VMM (QMP quit, SIGKILL at ctx's deadline). A Stop
+// that succeeded makes later ones return nil at once; a failed one (the
+// VMM could not be reaped) can be retried.
 func (s *Sandbox) Stop(ctx context.Context) error {
-	s.stopOnce.Do(func() {
-		s.stopErr = s.vm.Stop(ctx)
-		if s.agent != nil {
-			_ = s.agent.Close()
-		}
-	})
-	return s.stopErr
+	s.stopMu.Lock()
+	defer s.stopMu.Unlock()
+	if s.stopped {
+		return nil
+	}
+	s.askGuestToStop(ctx)
+	if err := s.vm.Stop(ctx); err != nil {
+		return err
+	}
+	s.stopped = true
+	s.closeAgent()
+	return nil
 }
+
+// askGuestToStop asks the guest to shut down and waits, for up to half of
+// ctx's remaining time, for the VMM to exit.
+func (s *Sandbox) askGuestToStop(ctx context.Context) {
+	select {
+	case <-s.vm.Done():
+		return
+	default:
+	}
+	gctx, cancel := halfOf(ctx)
+	defer cancel()
+	if err := s.shutdownGuest(gctx); err != nil {
+		log.G(ctx).WithError(err).WithField("pid", s.vm.Identity().Pid).Debug("guest shutdown failed")
+		return
+	}
+	select {
+	case <-s.vm.Done():
+	case <-gctx.Done():
+	}
+}
+
+// halfOf returns a context ending halfway to ctx's deadline
+// (defaultStopTimeout/2 from now without one).
+func halfOf(ctx context.Context) (context.Context, context.CancelFunc) {
+	left := defaultStopTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		left = time.Until(dl)
+	}
+	return context.WithTimeout(ctx, left/2)
+}
+
+// defaultStopTimeout bounds a Stop whose ctx has no deadline.
+const defaultStopTimeout = vmm.DefaultStopTimeout
 
 // Kill SIGKILLs the VMM and reaps it: the canonical kill path.
 func (s *Sandbox) Kill() error {
 	err := s.vm.Kill()
+	s.closeAgent()
+	return err
+}
+
+func (s *Sandbox) closeAgent() {
 	if s.agent != nil {
 		_ = s.agent.Close()
 	}
-	return err
 }

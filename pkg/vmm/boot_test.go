@@ -46,7 +46,7 @@ fi
 
 // bootVM returns a configured, unstarted VM whose guest prints a line and
 // then reboots, or sleeps when mode is "sleep".
-func bootVM(t *testing.T, mode string, shutdown func(context.Context) error) *QEMU {
+func bootVM(t *testing.T, mode string) *QEMU {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("boots a VM: skipped in -short mode")
@@ -82,7 +82,7 @@ func bootVM(t *testing.T, mode string, shutdown func(context.Context) error) *QE
 	}
 	q, err := NewQEMU(Config{
 		Kernel: kernel, Initrd: initrd, Share: rootfs, StateDir: state,
-		Accel: AccelTCG, KernelArgs: []string{"mode=" + mode}, GuestShutdown: shutdown,
+		Accel: AccelTCG, KernelArgs: []string{"mode=" + mode},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -148,7 +148,7 @@ func waitConsole(t *testing.T, q *QEMU, want string) {
 }
 
 func TestBootGuestRebootExitsQEMUAndLogsConsole(t *testing.T) {
-	q := bootVM(t, "reboot", nil)
+	q := bootVM(t, "reboot")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	t0 := time.Now()
@@ -181,7 +181,7 @@ func TestBootGuestRebootExitsQEMUAndLogsConsole(t *testing.T) {
 }
 
 func TestBootRootfsIsSharedOver9p(t *testing.T) {
-	q := bootVM(t, "9p", nil)
+	q := bootVM(t, "9p")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := q.Start(ctx); err != nil {
@@ -193,12 +193,8 @@ func TestBootRootfsIsSharedOver9p(t *testing.T) {
 	waitConsole(t, q, "boxlite-test: marker from 9p")
 }
 
-func TestBootStopQuitsThroughQMPAfterGuestShutdownHook(t *testing.T) {
-	called := make(chan struct{})
-	q := bootVM(t, "sleep", func(ctx context.Context) error {
-		close(called)
-		return errors.New("no agent in this guest")
-	})
+func TestBootStopQuitsThroughQMP(t *testing.T) {
+	q := bootVM(t, "sleep")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := q.Start(ctx); err != nil {
@@ -226,11 +222,6 @@ func TestBootStopQuitsThroughQMPAfterGuestShutdownHook(t *testing.T) {
 		}
 	}
 	t.Logf("stopped in %v", time.Since(t0))
-	select {
-	case <-called:
-	default:
-		t.Error("GuestShutdown was not called")
-	}
 	for range 3 {
 		if e := <-exits; e.Status != 0 || e.Signal != 0 {
 			t.Errorf("exit = %v, want a clean QMP quit", e)
@@ -242,7 +233,7 @@ func TestBootStopQuitsThroughQMPAfterGuestShutdownHook(t *testing.T) {
 }
 
 func TestBootKillReportsSIGKILL(t *testing.T) {
-	q := bootVM(t, "sleep", nil)
+	q := bootVM(t, "sleep")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := q.Start(ctx); err != nil {
@@ -266,7 +257,7 @@ func TestBootKillReportsSIGKILL(t *testing.T) {
 }
 
 func TestBootStartFailureKillsAndQuotesConsole(t *testing.T) {
-	q := bootVM(t, "reboot", nil)
+	q := bootVM(t, "reboot")
 	// Not a kernel: QEMU exits during start with an error on stderr.
 	bad := filepath.Join(t.TempDir(), "vmlinux")
 	if err := os.WriteFile(bad, []byte("not a kernel"), 0o644); err != nil {
@@ -291,7 +282,7 @@ func TestBootStartFailureKillsAndQuotesConsole(t *testing.T) {
 }
 
 func TestBootAgentPortReachesTheHostSocket(t *testing.T) {
-	q := bootVM(t, "agent", nil)
+	q := bootVM(t, "agent")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := q.Start(ctx); err != nil {

@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -79,9 +78,6 @@ type Config struct {
 	// ConsoleLogMax caps console.log in bytes; when full it is rotated to
 	// console.log.1 (default 1 MiB).
 	ConsoleLogMax int64
-	// GuestShutdown, when set, asks the guest to shut down (for example
-	// the agent's Shutdown call); Stop calls it before QMP quit.
-	GuestShutdown func(ctx context.Context) error
 	// host overrides ProbeHost for tests.
 	host *Host
 }

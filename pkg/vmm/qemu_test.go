@@ -5,7 +5,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -142,27 +141,6 @@ func TestStopKillsAtOnceWhenQMPIsGone(t *testing.T) {
 	}
 	if e, _ := q.Wait(testCtx(t, time.Second)); e.Status != 137 {
 		t.Errorf("exit = %v, want 137", e)
-	}
-}
-
-func TestStopUsesTheGuestShutdownHookFirst(t *testing.T) {
-	var q *QEMU
-	q = fakeVM(t, "ignore-quit", func(c *Config) {
-		c.GuestShutdown = func(ctx context.Context) error {
-			return syscall.Kill(q.Identity().Pid, syscall.SIGTERM)
-		}
-	})
-	if err := q.Start(testCtx(t, 10*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	if err := q.Stop(testCtx(t, 10*time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	if e, _ := q.Wait(testCtx(t, time.Second)); e.Status != 0 {
-		t.Errorf("exit = %v, want 0 from the guest's own shutdown", e)
-	}
-	if tail := q.ConsoleTail(1); !slices.Equal(tail, []string{"fake qemu: guest shut down"}) {
-		t.Errorf("ConsoleTail(1) = %q", tail)
 	}
 }
 

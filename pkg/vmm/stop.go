@@ -12,9 +12,9 @@ import (
 )
 
 // Stop shuts the VM down and returns once the monitor has been reaped and
-// its pid file removed. It calls Config.GuestShutdown (if set) and waits up
-// to half of the time left, then asks QEMU to quit over QMP, then sends
-// SIGKILL at ctx's deadline (DefaultStopTimeout without one) and waits a
+// its pid file removed. It asks QEMU to quit over QMP (a guest that should
+// shut itself down first is asked by the layer that speaks its protocol,
+// pkg/sandbox), then sends SIGKILL at ctx's deadline (DefaultStopTimeout without one) and waits a
 // bounded time for the reaper. Stop is idempotent and safe to call
 // concurrently with Wait, Kill and itself; only the first concurrent caller
 // runs the graceful steps. A VM that was never started is marked exited.
@@ -76,9 +76,6 @@ func (q *QEMU) beginStop(graceful bool) (*reaper.Process, bool) {
 // graceful runs the polite steps of Stop. It returns false when QEMU could
 // not even be asked to quit, so waiting longer is pointless.
 func (q *QEMU) graceful(ctx context.Context) bool {
-	if q.cfg.GuestShutdown != nil && q.guestShutdown(ctx) {
-		return true
-	}
 	select {
 	case <-q.done:
 		return true
@@ -101,24 +98,6 @@ func (q *QEMU) graceful(ctx context.Context) bool {
 		return false
 	}
 	return true
-}
-
-// guestShutdown asks the guest to shut down and, if it agreed, waits for
-// the monitor's exit for up to half of the time left. It reports whether
-// the monitor exited.
-func (q *QEMU) guestShutdown(ctx context.Context) bool {
-	gctx, cancel := context.WithDeadline(ctx, share(ctx, 2))
-	defer cancel()
-	if err := q.cfg.GuestShutdown(gctx); err != nil {
-		log.G(ctx).WithError(err).WithField("pid", q.Identity().Pid).Debug("guest shutdown failed")
-		return false
-	}
-	select {
-	case <-q.done:
-		return true
-	case <-gctx.Done():
-		return false
-	}
 }
 
 // share returns the time that is 1/n of the way from now to ctx's deadline.
