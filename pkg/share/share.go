@@ -21,6 +21,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,6 +190,36 @@ func Remove(dir string) error {
 	// Unmounted, the tmpfs's files are gone and dir is empty.
 	if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove share %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Unbind unmounts everything bound at or under path (relative to the share)
+// and removes what Add made there, leaving the rest of the share as it is:
+// a container that leaves a running pod takes its files out of the share.
+// Nothing is removed while anything is still mounted there.
+func (s *Share) Unbind(path string) error {
+	if !filepath.IsLocal(path) {
+		return fmt.Errorf("share path %q is not a relative path inside the share: %w", path, errdefs.ErrInvalidArgument)
+	}
+	target := filepath.Join(s.dir, path)
+	if _, err := os.Lstat(target); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err := mount.UnmountRecursive(target, 0); err != nil {
+		return fmt.Errorf("unmount %s in the share: %w", path, err)
+	}
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(target))
+	if err != nil {
+		return fmt.Errorf("check mounts under %s: %w", target, err)
+	}
+	if len(infos) > 0 {
+		return fmt.Errorf("%s is still mounted in the share after unmounting it: %w", infos[0].Mountpoint, errdefs.ErrFailedPrecondition)
+	}
+	// Only the share's own tmpfs is left there: its empty directories and
+	// files, which covered the binds.
+	if err := os.RemoveAll(target); err != nil {
+		return fmt.Errorf("remove %s from the share: %w", path, err)
 	}
 	return nil
 }

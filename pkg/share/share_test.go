@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/internal/mounttest"
@@ -220,5 +221,38 @@ func TestCreateRefusesADirectoryThatHoldsFiles(t *testing.T) {
 	}
 	if left := mounttest.Under(t, dir); len(left) > 0 {
 		t.Errorf("mounted under %s: %v", dir, left)
+	}
+}
+
+// Unbind takes one container's files out of a live share and leaves the
+// others bound: a pod's app container is deleted while its VM runs on.
+func TestUnbindRemovesOnlyThatPath(t *testing.T) {
+	root := testRoot(t)
+	a, b := filepath.Join(root, "a"), filepath.Join(root, "b")
+	writeFiles(t, a, map[string]string{"f": "a"})
+	writeFiles(t, b, map[string]string{"f": "b"})
+	s := newShare(t, root)
+	for _, bind := range []Bind{{Source: a, Path: "c/one/rootfs"}, {Source: a, Path: "c/one/m0", ReadOnly: true}, {Source: b, Path: "c/two/rootfs"}} {
+		if err := s.Add(bind); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Unbind("c/one"); err != nil {
+		t.Fatalf("Unbind: %v", err)
+	}
+	if _, err := os.Lstat(filepath.Join(s.Dir(), "c/one")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("c/one after Unbind: %v; want it gone", err)
+	}
+	if got := readFile(t, filepath.Join(a, "f")); got != "a" {
+		t.Errorf("the source of the removed bind reads %q: Unbind reached the host's files", got)
+	}
+	if got := readFile(t, filepath.Join(s.Dir(), "c/two/rootfs/f")); got != "b" {
+		t.Errorf("the other container's rootfs reads %q after Unbind", got)
+	}
+	if err := s.Unbind("c/one"); err != nil {
+		t.Errorf("second Unbind: %v; want nothing to do", err)
+	}
+	if err := s.Unbind("../x"); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("Unbind(../x) = %v; want invalid argument", err)
 	}
 }
