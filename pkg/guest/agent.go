@@ -215,6 +215,9 @@ func (a *Agent) all() []*container {
 func (a *Agent) watchExit(c *container, p *process) {
 	<-p.handle.Done()
 	e, _ := p.handle.Exit()
+	if p.execID == "" && c.sharedPID {
+		a.killRest(c)
+	}
 	a.recordExit(c, p, e.Status, e.Time)
 }
 

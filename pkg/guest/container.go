@@ -50,6 +50,11 @@ type container struct {
 	linux *specs.Linux
 	// init is the container's init process.
 	init *process
+	// podShm is the pod's /dev/shm that this sandbox container made (empty
+	// for others); it goes with the container.
+	podShm string
+	// sharedPID says the container joined its pod's pid namespace.
+	sharedPID bool
 	// oom follows the cgroup's oom_kill counter.
 	oom *oomCounter
 	// stopOOMWatch stops watching oom's file (nil when not watched).

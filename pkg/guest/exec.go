@@ -212,4 +212,5 @@ func (a *Agent) destroy(c *container) {
 	unmount(c.rootfs)
 	_ = os.Remove(c.rootfs)
 	_ = os.RemoveAll(c.bundle)
+	removePodShm(c)
 }

@@ -126,11 +126,23 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 	if err != nil {
 		return 0, 0, err
 	}
+	pod, err := a.podFor(c, req, undo)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, i := range pod.shmMounts {
+		if _, dup := sources[i]; dup {
+			return 0, 0, fmt.Errorf("mount %d is both shared and the pod's /dev/shm: %w", i, errdefs.ErrInvalidArgument)
+		}
+		sources[i] = pod.shm
+	}
+	c.sharedPID = pod.sharedPID
 	cfg, spec, err := rewriteSpec(req.GetSpec(), specEdit{
 		rootPath:    c.rootfs,
 		cgroupsPath: c.cgroup,
 		terminal:    req.GetStdio().GetTerminal(),
 		sources:     sources,
+		joins:       pod.joins,
 	})
 	if err != nil {
 		return 0, 0, err

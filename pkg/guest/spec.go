@@ -50,13 +50,17 @@ type specEdit struct {
 	// sources are the guest sources of the spec's bind mounts, by index in
 	// mounts: every bind mount must have one.
 	sources map[int]string
+	// joins are the guest namespaces (by type, as /proc paths) that replace
+	// the host paths of the spec's namespaces of those types.
+	joins map[string]string
 }
 
 // rewriteSpec rewrites an OCI spec from the host for the guest and returns it
 // with its decoded form. Host-only fields are rewritten: hooks are dropped
 // (they are host commands, run by the host), bind mount sources are moved
 // into the share, linux.cgroupsPath is set, namespace paths are dropped
-// (their types kept), root.path and process.terminal are set.
+// (their types kept) or replaced by the guest namespaces a pod's container
+// joins, root.path and process.terminal are set.
 // Everything else, including fields this agent does not know, is kept as is.
 func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
 	if len(data) > maxSpecSize {
@@ -90,7 +94,7 @@ func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
 		if err := setField(linux, "cgroupsPath", edit.cgroupsPath); err != nil {
 			return err
 		}
-		return dropNamespacePaths(linux)
+		return setNamespacePaths(linux, edit.joins)
 	}); err != nil {
 		return nil, nil, err
 	}
@@ -167,13 +171,18 @@ func setField(obj map[string]json.RawMessage, key string, v any) error {
 	return nil
 }
 
-// dropNamespacePaths removes the path of every namespace in
-// linux.namespaces: a path names a namespace of the host, so the guest runtime
-// creates a new namespace of the same type instead. It also adds a cgroup
+// setNamespacePaths rewrites the path of every namespace in
+// linux.namespaces: a path names a namespace of the host, so the guest
+// runtime joins the guest namespace joins gives for its type (a pod's
+// shared namespace) or else creates a new namespace of the same type. Every
+// joined type must be in the spec with a path. It also adds a cgroup
 // namespace when there is none.
-func dropNamespacePaths(linux map[string]json.RawMessage) error {
+func setNamespacePaths(linux map[string]json.RawMessage, joins map[string]string) error {
 	raw, ok := linux["namespaces"]
 	if !ok || string(raw) == "null" {
+		if len(joins) > 0 {
+			return fmt.Errorf("the spec has no namespaces but the host asked to join the pod's: %w", errdefs.ErrInvalidArgument)
+		}
 		return nil
 	}
 	var nss []map[string]json.RawMessage
@@ -181,10 +190,25 @@ func dropNamespacePaths(linux map[string]json.RawMessage) error {
 		return fmt.Errorf("spec linux.namespaces is not a list of objects: %v: %w", err, errdefs.ErrInvalidArgument)
 	}
 	hasCgroup := false
+	joined := map[string]bool{}
 	for _, ns := range nss {
+		var typ, path string
+		_ = json.Unmarshal(ns["type"], &typ)
+		_ = json.Unmarshal(ns["path"], &path)
 		delete(ns, "path")
-		if string(ns["type"]) == `"cgroup"` {
+		if typ == "cgroup" {
 			hasCgroup = true
+		}
+		if guestPath, ok := joins[typ]; ok && path != "" {
+			if err := setField(ns, "path", guestPath); err != nil {
+				return err
+			}
+			joined[typ] = true
+		}
+	}
+	for typ := range joins {
+		if !joined[typ] {
+			return fmt.Errorf("the spec does not share its %s namespace (no %s namespace with a path) but the host asked to join the pod's: %w", typ, typ, errdefs.ErrInvalidArgument)
 		}
 	}
 	if !hasCgroup {

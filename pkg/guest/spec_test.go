@@ -189,3 +189,33 @@ func TestRewriteSpecClampsTheVersionForTheGuestRuntime(t *testing.T) {
 		})
 	}
 }
+
+// A pod's app container names its pod's namespaces by host paths; the
+// agent joins the sandbox container's guest namespaces of the types the
+// host lists and gives the others new namespaces.
+func TestRewriteSpecJoinsThePodsNamespaces(t *testing.T) {
+	const member = `{"process": {"args": ["sh"]}, "root": {"path": "rootfs"}, "linux": {"namespaces": [
+		{"type": "pid"}, {"type": "network", "path": "/proc/99/ns/net"}, {"type": "ipc", "path": "/proc/99/ns/ipc"},
+		{"type": "uts", "path": "/proc/99/ns/uts"}, {"type": "mount"}]}}`
+	joins := map[string]string{"network": "/proc/7/ns/net", "ipc": "/proc/7/ns/ipc"}
+	_, spec, err := rewriteSpec([]byte(member), specEdit{rootPath: "/r", joins: joins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, ns := range spec.Linux.Namespaces {
+		got[string(ns.Type)] = ns.Path
+	}
+	want := map[string]string{"pid": "", "network": "/proc/7/ns/net", "ipc": "/proc/7/ns/ipc", "uts": "", "mount": "", "cgroup": ""}
+	for typ, p := range want {
+		if got[typ] != p {
+			t.Errorf("%s namespace path %q; want %q", typ, got[typ], p)
+		}
+	}
+	// Joining a namespace the spec does not share is refused: the host
+	// and the spec disagree.
+	_, _, err = rewriteSpec([]byte(member), specEdit{rootPath: "/r", joins: map[string]string{"pid": "/proc/7/ns/pid"}})
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "pid namespace") {
+		t.Errorf("joining an unshared pid namespace: %v; want invalid argument naming it", err)
+	}
+}

@@ -373,7 +373,21 @@ type CreateContainerRequest struct {
 	// shared_mounts says where the source of each host bind mount of the
 	// spec is in the share. Every bind mount of spec.mounts must be listed:
 	// a host path means nothing in the guest.
-	SharedMounts  []*SharedMount `protobuf:"bytes,6,rep,name=shared_mounts,json=sharedMounts,proto3" json:"shared_mounts,omitempty"`
+	SharedMounts []*SharedMount `protobuf:"bytes,6,rep,name=shared_mounts,json=sharedMounts,proto3" json:"shared_mounts,omitempty"`
+	// sandbox_id names the container of this VM that holds its pod's
+	// namespaces (the pod's sandbox container), for a pod's app container;
+	// empty for a single-container box and for the sandbox container itself.
+	SandboxId string `protobuf:"bytes,7,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
+	// join_namespaces are the namespace types (network, ipc, uts, pid) the
+	// container shares with its pod: the spec names them by host paths, and
+	// the agent joins the sandbox container's namespaces of those types
+	// instead. Needs sandbox_id.
+	JoinNamespaces []string `protobuf:"bytes,8,rep,name=join_namespaces,json=joinNamespaces,proto3" json:"join_namespaces,omitempty"`
+	// pod_shm_mounts are the indexes in spec.mounts of bind mounts of the
+	// pod's /dev/shm: the agent serves them from one guest tmpfs per pod
+	// (made for the sandbox container, named by sandbox_id for the app
+	// containers) instead of the share.
+	PodShmMounts  []uint32 `protobuf:"varint,9,rep,packed,name=pod_shm_mounts,json=podShmMounts,proto3" json:"pod_shm_mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -446,6 +460,27 @@ func (x *CreateContainerRequest) GetRootfs() string {
 func (x *CreateContainerRequest) GetSharedMounts() []*SharedMount {
 	if x != nil {
 		return x.SharedMounts
+	}
+	return nil
+}
+
+func (x *CreateContainerRequest) GetSandboxId() string {
+	if x != nil {
+		return x.SandboxId
+	}
+	return ""
+}
+
+func (x *CreateContainerRequest) GetJoinNamespaces() []string {
+	if x != nil {
+		return x.JoinNamespaces
+	}
+	return nil
+}
+
+func (x *CreateContainerRequest) GetPodShmMounts() []uint32 {
+	if x != nil {
+		return x.PodShmMounts
 	}
 	return nil
 }
@@ -2107,14 +2142,18 @@ const file_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\bR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\bR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xe4\x01\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xd2\x02\n" +
 	"\x16CreateContainerRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12\x1b\n" +
 	"\tshare_tag\x18\x03 \x01(\tR\bshareTag\x12-\n" +
 	"\x05stdio\x18\x04 \x01(\v2\x17.boxlite.agent.v1.StdioR\x05stdio\x12\x16\n" +
 	"\x06rootfs\x18\x05 \x01(\tR\x06rootfs\x12B\n" +
-	"\rshared_mounts\x18\x06 \x03(\v2\x1d.boxlite.agent.v1.SharedMountR\fsharedMounts\"7\n" +
+	"\rshared_mounts\x18\x06 \x03(\v2\x1d.boxlite.agent.v1.SharedMountR\fsharedMounts\x12\x1d\n" +
+	"\n" +
+	"sandbox_id\x18\a \x01(\tR\tsandboxId\x12'\n" +
+	"\x0fjoin_namespaces\x18\b \x03(\tR\x0ejoinNamespaces\x12$\n" +
+	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"7\n" +
 	"\vSharedMount\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\"\xd1\x01\n" +
