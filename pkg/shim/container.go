@@ -1,9 +1,7 @@
 package shim
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,12 +13,6 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"google.golang.org/protobuf/types/known/anypb"
-
-	"github.com/boxlite/boxlite/pkg/health"
-	"github.com/boxlite/boxlite/pkg/sandbox"
-	"github.com/boxlite/boxlite/pkg/share"
-	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
 // maxSpecFile bounds the bundle's config.json.
@@ -29,9 +21,65 @@ const maxSpecFile = 1 << 20
 // stopTimeout bounds a graceful VM stop before SIGKILL.
 const stopTimeout = 10 * time.Second
 
-// box is one microVM running one container.
-type box struct {
+// CRI's annotations that make a container part of a pod.
+const (
+	// annotationContainerType is "sandbox" for a pod's pause container and
+	// "container" for its app containers.
+	annotationContainerType = "io.kubernetes.cri.container-type"
+	// annotationSandboxID names the pod's sandbox (its pause container).
+	annotationSandboxID = "io.kubernetes.cri.sandbox-id"
+
+	containerTypeSandbox   = "sandbox"
+	containerTypeContainer = "container"
+)
+
+// role is what a container is to the sandbox that runs it.
+type role int
+
+const (
+	// roleBox is a single-container box: the container is its sandbox.
+	roleBox role = iota
+	// rolePodSandbox is a pod's sandbox (pause) container: it boots the
+	// pod's VM and holds the pod's namespaces in the guest.
+	rolePodSandbox
+	// rolePodMember is an app container of a pod, run in the pod's VM.
+	rolePodMember
+)
+
+// roleOf reads a container's role and its sandbox's id (its own for a box
+// or a pod sandbox) from CRI's annotations.
+func roleOf(id string, spec *specs.Spec) (role, string, error) {
+	typ := spec.Annotations[annotationContainerType]
+	sbID := spec.Annotations[annotationSandboxID]
+	switch typ {
+	case "":
+		return roleBox, id, nil
+	case containerTypeSandbox:
+		if sbID != "" && sbID != id {
+			return 0, "", fmt.Errorf("pod sandbox %s names another sandbox (%s=%s): %w", id, annotationSandboxID, sbID, errdefs.ErrInvalidArgument)
+		}
+		return rolePodSandbox, id, nil
+	case containerTypeContainer:
+		if sbID == "" {
+			return 0, "", fmt.Errorf("container %s of a pod names no sandbox (%s is empty): %w", id, annotationSandboxID, errdefs.ErrInvalidArgument)
+		}
+		if sbID == id {
+			return 0, "", fmt.Errorf("container %s names itself as its sandbox: %w", id, errdefs.ErrInvalidArgument)
+		}
+		return rolePodMember, sbID, nil
+	}
+	return 0, "", fmt.Errorf("%s=%q: want %q or %q: %w", annotationContainerType, typ, containerTypeSandbox, containerTypeContainer, errdefs.ErrInvalidArgument)
+}
+
+// container is one OCI container of the shim's sandbox: its bundle, rootfs,
+// init and execs. The VM, network and share belong to the sandbox.
+type container struct {
 	id, ns, bundle string
+	// role says whether the container is its sandbox or joins one.
+	role role
+	// sandboxID is the id of the sandbox the container runs in (its own
+	// for a box or a pod's sandbox container).
+	sandboxID string
 	// spec is the bundle's config.json as read; ociSpec is its decoded
 	// form (hooks, annotations).
 	spec    []byte
@@ -40,27 +88,52 @@ type box struct {
 	rootfs string
 	// mounted says the shim mounted rootfs from CreateTaskRequest.Rootfs.
 	mounted bool
-	// stateDir holds the VMM's sockets, console log and pid file, the
-	// share and the network state.
-	stateDir string
-	// net is the box's network; nil until made.
-	net *boxNetwork
-	// share is the directory shared with the VM; nil until made.
-	share *share.Share
-	sb    *sandbox.Sandbox
-	init  *process
+	// shared says the container's files were bound into the sandbox's
+	// share (under c/<id>).
+	shared bool
+	init   *process
 
-	// healthOpts configures the health checker.
-	healthOpts health.Options
-
-	// mu guards execs, stopHealthFn.
+	// mu guards execs.
 	mu sync.Mutex
 	// execs by exec id. Guarded by mu.
 	execs map[string]*process
-	// stopHealthFn ends the health checker; nil until one starts. Guarded
-	// by mu.
-	stopHealthFn context.CancelFunc
 }
+
+// inPod says the container is part of a Kubernetes pod.
+func (c *container) inPod() bool { return c.role != roleBox }
+
+// podRequest returns what the guest needs to place c in its pod: the pod's
+// sandbox container (for an app container), the namespace types c shares
+// with it (those its spec names by path), and the indexes of its /dev/shm
+// bind mounts, which the guest serves from one tmpfs per pod.
+func (c *container) podRequest() (sandboxID string, joins []string, shm []uint32) {
+	if !c.inPod() {
+		return "", nil, nil
+	}
+	if c.role == rolePodMember {
+		sandboxID = c.sandboxID
+		if c.ociSpec.Linux != nil {
+			for _, ns := range c.ociSpec.Linux.Namespaces {
+				switch ns.Type {
+				case specs.NetworkNamespace, specs.IPCNamespace, specs.UTSNamespace, specs.PIDNamespace:
+					if ns.Path != "" {
+						joins = append(joins, string(ns.Type))
+					}
+				}
+			}
+		}
+	}
+	for i, m := range c.ociSpec.Mounts {
+		if m.Destination == "/dev/shm" && isBindMount(m) {
+			shm = append(shm, uint32(i))
+		}
+	}
+	return sandboxID, joins, shm
+}
+
+// isSandbox says the container is its sandbox's own (a box, or a pod's
+// pause container): its end is the VM's end.
+func (c *container) isSandbox() bool { return c.role != rolePodMember }
 
 // readSpec reads and checks the bundle's OCI spec.
 func readSpec(bundle string) ([]byte, *specs.Spec, error) {
@@ -90,11 +163,13 @@ func readSpec(bundle string) ([]byte, *specs.Spec, error) {
 }
 
 // withHostHostname returns data with hostname set to the host's when the
-// spec sets none. runc leaves such a container with the hostname its new UTS
-// namespace copied from the host; in the guest that would be the VM's, so the
-// host's is set explicitly to behave the same.
+// spec sets none and gives the container a new UTS namespace. runc leaves
+// such a container with the hostname its new UTS namespace copied from the
+// host; in the guest that would be the VM's, so the host's is set
+// explicitly to behave the same. A container that joins a UTS namespace (a
+// pod's app container) keeps its pod's hostname.
 func withHostHostname(data []byte, spec *specs.Spec) ([]byte, error) {
-	if spec.Hostname != "" {
+	if spec.Hostname != "" || !newUTSNamespace(spec) {
 		return data, nil
 	}
 	host, err := os.Hostname()
@@ -107,6 +182,20 @@ func withHostHostname(data []byte, spec *specs.Spec) ([]byte, error) {
 	}
 	doc["hostname"], _ = json.Marshal(host)
 	return json.Marshal(doc)
+}
+
+// newUTSNamespace says the spec gives the container a UTS namespace of its
+// own.
+func newUTSNamespace(spec *specs.Spec) bool {
+	if spec.Linux == nil {
+		return false
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.UTSNamespace {
+			return ns.Path == ""
+		}
+	}
+	return false
 }
 
 // prepareRootfs mounts containerd's rootfs mounts on <bundle>/rootfs, or
@@ -140,133 +229,52 @@ func prepareRootfs(bundle string, spec *specs.Spec, mounts []*types.Mount) (stri
 	return target, true, nil
 }
 
-// bootBox makes the box's network and share and boots its VM with them;
-// it returns where the container finds its rootfs and bind mounts in the
-// share. ctx bounds the boot only. On failure, what was made is left for
-// teardown.
-func bootBox(ctx context.Context, b *box, runtimeOpts *anypb.Any) (*boxShare, error) {
-	o, err := parseVMOptions(b.ociSpec, runtimeOpts)
-	if err != nil {
-		return nil, err
-	}
-	kernel, err := vmm.FindKernel(o.kernel)
-	if err != nil {
-		return nil, err
-	}
-	initrd, err := vmm.FindInitrd(o.initrd)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(b.stateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("vm state directory: %w", err)
-	}
-	if b.share, err = share.Create(filepath.Join(b.stateDir, shareDirName)); err != nil {
-		return nil, err
-	}
-	shared, err := shareContainer(b.share, b.id, b.rootfs, b.ociSpec)
-	if err != nil {
-		return nil, err
-	}
-	if b.net, err = newBoxNetwork(b.ociSpec, b.stateDir); err != nil {
-		return nil, err
-	}
-	sb, err := sandbox.Start(ctx, sandbox.Config{
-		VM: vmm.Config{
-			Kernel: kernel, Initrd: initrd, Share: b.share.Dir(), StateDir: b.stateDir,
-			VCPUs: o.vcpus, MemoryMiB: o.memoryMiB, Accel: o.accel,
-			NICs: b.net.nics(), NetNS: b.net.ns,
-		},
-		BootTimeout: o.bootTimeout,
-	})
-	// QEMU holds the taps now (or never will): each lives as long as it.
-	b.net.closeTaps()
-	if err != nil {
-		return nil, err
-	}
-	b.sb = sb
-	b.healthOpts = o.health
-	return shared, nil
-}
-
-// vmmPid is the VMM's pid: the "pid" of every task in the box, as Kata does.
-func (b *box) vmmPid() uint32 {
-	if b.sb == nil {
-		return 0
-	}
-	return uint32(b.sb.VM().Identity().Pid)
-}
-
 // process returns the init (execID "") or an exec.
-func (b *box) process(execID string) (*process, error) {
+func (c *container) process(execID string) (*process, error) {
 	if execID == "" {
-		return b.init, nil
+		return c.init, nil
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	p, ok := b.execs[execID]
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.execs[execID]
 	if !ok {
-		return nil, fmt.Errorf("exec %s in %s: %w", execID, b.id, errdefs.ErrNotFound)
+		return nil, fmt.Errorf("exec %s in %s: %w", execID, c.id, errdefs.ErrNotFound)
 	}
 	return p, nil
 }
 
 // processes returns the init and every exec.
-func (b *box) processes() []*process {
-	b.mu.Lock()
-	defer b.mu.Unlock()
+func (c *container) processes() []*process {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var ps []*process
-	if b.init != nil {
-		ps = append(ps, b.init)
+	if c.init != nil {
+		ps = append(ps, c.init)
 	}
-	for _, p := range b.execs {
+	for _, p := range c.execs {
 		ps = append(ps, p)
 	}
 	return ps
 }
 
-// teardown stops the VM (graceful, then SIGKILL at the deadline) and, only
-// once the VMM is reaped, undoes the network wiring, unmounts the share and
-// the rootfs and removes the state directory. An error names the live pid
-// and leaves the files in place; the state directory is never removed while
-// the share may still hold bind mounts of the host's files.
-func (b *box) teardown(ctx context.Context) error {
-	b.stopHealth()
-	if b.sb != nil {
-		// No DeleteContainer in the guest first: the guest's shutdown kills
-		// every container's cgroup, reaps and unmounts, and the VM goes
-		// with it, so a crun delete there (about 170 ms under TCG) would
-		// only delay the stop.
-		sctx, cancel := context.WithTimeout(ctx, stopTimeout)
-		err := b.sb.Stop(sctx)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("stop vm of %s: %w", b.id, err)
-		}
+// unmountRootfs undoes what prepareRootfs mounted. Call it once nothing
+// (the share, the VM) uses the rootfs any more.
+func (c *container) unmountRootfs() error {
+	if !c.mounted {
+		return nil
 	}
-	var errs []error
-	for _, p := range b.processes() {
+	if err := mount.UnmountRecursive(c.rootfs, 0); err != nil {
+		return fmt.Errorf("unmount rootfs %s: %w", c.rootfs, err)
+	}
+	c.mounted = false
+	return nil
+}
+
+// closeRelays closes the stdio of every process (loggers flushed).
+func (c *container) closeRelays() {
+	for _, p := range c.processes() {
 		if r := p.getRelay(); r != nil {
 			r.close()
 		}
 	}
-	if err := b.net.teardown(); err != nil {
-		errs = append(errs, fmt.Errorf("network of %s: %w", b.id, err))
-	}
-	b.net = nil
-	// The share binds the rootfs: it goes first.
-	shareErr := share.Remove(filepath.Join(b.stateDir, shareDirName))
-	if shareErr != nil {
-		errs = append(errs, shareErr)
-	}
-	if b.mounted {
-		if err := mount.UnmountRecursive(b.rootfs, 0); err != nil {
-			errs = append(errs, fmt.Errorf("unmount rootfs %s: %w", b.rootfs, err))
-		}
-	}
-	if shareErr == nil {
-		if err := os.RemoveAll(b.stateDir); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
 }

@@ -16,11 +16,12 @@ import (
 // errVMMExited is the probe's failure once the VMM is gone.
 var errVMMExited = errors.New("vmm exited")
 
-// startHealth starts the box's health checker once its init is running. It
-// only observes and publishes: exits, reaping and teardown never depend on
-// it, and stopHealth (at the init's exit, the VM's death or teardown) ends
-// its goroutine so it never keeps the shim alive.
-func (s *service) startHealth(b *box) {
+// startHealth starts the sandbox's health checker once its own container's
+// init is running. It only observes and publishes: exits, reaping and
+// teardown never depend on it, and stopHealth (at that init's exit, the
+// VM's death or teardown) ends its goroutine so it never keeps the shim
+// alive.
+func (b *sandbox) startHealth(pub *publisher) {
 	if b.healthOpts.Disabled {
 		log.L.WithField("id", b.id).Debug("health check disabled")
 		b.writeHealth(health.State{Status: health.Disabled, At: time.Now()})
@@ -52,7 +53,7 @@ func (s *service) startHealth(b *box) {
 			return
 		}
 		b.writeHealth(st)
-		s.events.send(&healthapi.TaskHealth{
+		pub.send(&healthapi.TaskHealth{
 			ContainerId: b.id, Status: string(st.Status), FailingStreak: uint32(st.FailingStreak),
 			LastError: st.LastError, At: timestamppb.New(st.At),
 		})
@@ -60,9 +61,9 @@ func (s *service) startHealth(b *box) {
 	go c.Run(ctx)
 }
 
-// stopHealth ends the box's health checker, if it runs. Later calls do
+// stopHealth ends the sandbox's health checker, if it runs. Later calls do
 // nothing, and startHealth after it does not start one.
-func (b *box) stopHealth() {
+func (b *sandbox) stopHealth() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.stopHealthFn != nil {
@@ -72,19 +73,19 @@ func (b *box) stopHealth() {
 }
 
 // probe checks that the VMM runs and the guest agent answers a ping.
-func (b *box) probe(ctx context.Context) error {
+func (b *sandbox) probe(ctx context.Context) error {
 	select {
-	case <-b.sb.Done():
+	case <-b.vm.Done():
 		return errVMMExited
 	default:
 	}
-	_, err := b.sb.Agent().Ping(ctx, &api.PingRequest{})
+	_, err := b.vm.Agent().Ping(ctx, &api.PingRequest{})
 	return err
 }
 
 // writeHealth replaces the bundle's health file. A failure is logged: the
 // events carry the same news.
-func (b *box) writeHealth(st health.State) {
+func (b *sandbox) writeHealth(st health.State) {
 	if err := health.WriteFile(b.bundle, st); err != nil {
 		log.L.WithError(err).WithField("id", b.id).Warn("write health file")
 	}

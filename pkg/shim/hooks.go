@@ -67,17 +67,12 @@ var hookStatus = map[string]specs.ContainerState{
 	hookPoststop:      specs.StateStopped,
 }
 
-// runHooks runs the box's hooks of the given kinds in order, on the host,
-// with the OCI state on stdin; its pid is the VMM's, whose network
-// namespace is the box's. prestart and createRuntime failures are returned
-// (the caller tears the box down); poststart and poststop failures are
-// logged and the remaining hooks still run, as the runtime spec says.
-func (b *box) runHooks(ctx context.Context, kinds ...string) error {
-	return b.runHooksPid(ctx, int(b.vmmPid()), kinds...)
-}
-
-// runHooksPid is runHooks with the pid the state carries.
-func (b *box) runHooksPid(ctx context.Context, pid int, kinds ...string) error {
+// runHooks runs the container's hooks of the given kinds in order, on the
+// host, with the OCI state on stdin; its pid is the VMM's (pid), whose
+// network namespace is the box's. prestart and createRuntime failures are
+// returned (the caller undoes the create); poststart and poststop failures
+// are logged and the remaining hooks still run, as the runtime spec says.
+func (b *container) runHooks(ctx context.Context, pid int, kinds ...string) error {
 	if b.ociSpec == nil || b.ociSpec.Hooks == nil {
 		return nil
 	}

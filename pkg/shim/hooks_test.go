@@ -110,9 +110,9 @@ func readOrder(t *testing.T, order string) []string {
 }
 
 // hookBox is a box with the given hooks and nothing running.
-func hookBox(t *testing.T, hooks *specs.Hooks) *box {
+func hookBox(t *testing.T, hooks *specs.Hooks) *container {
 	t.Helper()
-	return &box{
+	return &container{
 		id: "box1", ns: "default", bundle: t.TempDir(),
 		ociSpec: &specs.Spec{Annotations: map[string]string{"io.example/team": "db"}, Hooks: hooks},
 	}
@@ -143,13 +143,13 @@ func TestHooksGetTheStateOfTheirKind(t *testing.T) {
 	}
 	b := hookBox(t, hooks)
 	ctx := testCtx(t, testTimeout)
-	if err := b.runHooksPid(ctx, 4242, hookPrestart, hookCreateRuntime); err != nil {
+	if err := b.runHooks(ctx, 4242, hookPrestart, hookCreateRuntime); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.runHooksPid(ctx, 4242, hookPoststart); err != nil {
+	if err := b.runHooks(ctx, 4242, hookPoststart); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.runHooksPid(ctx, 4242, hookPoststop); err != nil {
+	if err := b.runHooks(ctx, 4242, hookPoststop); err != nil {
 		t.Fatal(err)
 	}
 	if got := readOrder(t, order); strings.Join(got, " ") != strings.Join(kinds, " ") {
@@ -211,14 +211,14 @@ func TestHookFailuresFailOnlyCreate(t *testing.T) {
 				ctx, cancel = context.WithCancel(ctx)
 				cancel()
 			}
-			err := hookBox(t, hooks).runHooksPid(ctx, 1, tc.kind)
+			err := hookBox(t, hooks).runHooks(ctx, 1, tc.kind)
 			switch {
 			case tc.want == "" && err != nil:
-				t.Errorf("runHooksPid(%s) = %v; a failing %s hook is only logged", tc.kind, err, tc.kind)
+				t.Errorf("runHooks(%s) = %v; a failing %s hook is only logged", tc.kind, err, tc.kind)
 			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
-				t.Errorf("runHooksPid(%s) = %v; want an error containing %q", tc.kind, err, tc.want)
+				t.Errorf("runHooks(%s) = %v; want an error containing %q", tc.kind, err, tc.want)
 			case tc.want != "" && !tc.cancel && !strings.Contains(err.Error(), "bad broke"):
-				t.Errorf("runHooksPid(%s) = %v; want the hook's stderr in it", tc.kind, err)
+				t.Errorf("runHooks(%s) = %v; want the hook's stderr in it", tc.kind, err)
 			}
 			if got := readOrder(t, order); strings.Join(got, " ") != strings.Join(tc.ran, " ") {
 				t.Errorf("hooks that ran: %q, want %q", got, tc.ran)
@@ -246,8 +246,8 @@ func TestHookFailuresFailOnlyCreate(t *testing.T) {
 
 // A box without a spec or hooks runs nothing.
 func TestRunHooksWithoutHooks(t *testing.T) {
-	for _, b := range []*box{{id: "a"}, {id: "b", ociSpec: &specs.Spec{}}} {
-		if err := b.runHooksPid(context.Background(), 1, hookPrestart, hookPoststop); err != nil {
+	for _, b := range []*container{{id: "a"}, {id: "b", ociSpec: &specs.Spec{}}} {
+		if err := b.runHooks(context.Background(), 1, hookPrestart, hookPoststop); err != nil {
 			t.Errorf("box %s: %v", b.id, err)
 		}
 	}

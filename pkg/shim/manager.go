@@ -53,9 +53,22 @@ func (m manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 	if socketDir == "" {
 		socketDir = filepath.Join(filepath.Dir(stateRoot), "s")
 	}
-	addr, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), id, false)
+	// A pod's app container is served by its sandbox's shim: the socket
+	// is named after the group (the sandbox id), as the runc shim does.
+	group, member, err := shimGroup(id)
 	if err != nil {
 		return nil, err
+	}
+	addr, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), group, false)
+	if err != nil {
+		return nil, err
+	}
+	if member {
+		if !shim.CanConnect(addr) {
+			return nil, fmt.Errorf("container %s belongs to pod sandbox %s, which has no running shim: %w", id, group, errdefs.ErrNotFound)
+		}
+		log.G(ctx).WithField("id", id).WithField("sandbox", group).Debug("start: joining the pod sandbox's shim")
+		return &bootapi.BootstrapResult{Version: 3, Address: addr, Protocol: "ttrpc"}, nil
 	}
 	l, err := shim.NewSocket(addr)
 	if err != nil {
@@ -109,6 +122,23 @@ func (m manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 		return nil, fmt.Errorf("start shim: %w", err)
 	}
 	return &bootapi.BootstrapResult{Version: 3, Address: addr, Protocol: "ttrpc"}, nil
+}
+
+// shimGroup reads the bundle's spec (the start action runs in the bundle)
+// and returns the id the shim's socket is named after: the pod sandbox's
+// id for a pod's app container (member), else the container's own. A
+// bundle without a readable spec groups by id: Create reports the spec's
+// problems.
+func shimGroup(id string) (group string, member bool, err error) {
+	_, spec, err := readSpec(".")
+	if err != nil {
+		return id, false, nil
+	}
+	role, sbID, err := roleOf(id, spec)
+	if err != nil {
+		return "", false, err
+	}
+	return sbID, role == rolePodMember, nil
 }
 
 // Stop is the "delete" action, run by containerd (or the manager) when the
@@ -179,6 +209,6 @@ func runStalePoststop(ctx context.Context, id, bundle string, pid int) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("read spec for poststop hooks")
 		return
 	}
-	b := &box{id: id, bundle: bundle, ociSpec: spec}
-	b.runHooksPid(ctx, pid, hookPoststop)
+	c := &container{id: id, bundle: bundle, ociSpec: spec}
+	c.runHooks(ctx, pid, hookPoststop)
 }

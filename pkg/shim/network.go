@@ -12,7 +12,6 @@ import (
 	"sync"
 
 	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -366,10 +365,12 @@ func guestConfig(id string, cfg *network.Config) *api.ConfigureNetworkRequest {
 	return req
 }
 
-// startNetwork wires the box's network namespace to its VM and configures
-// the guest's interfaces, just before the container's process starts, and
-// records the result for `boxlite inspect`.
-func (b *box) startNetwork(ctx context.Context) error {
+// startNetwork wires the sandbox's network namespace to its VM and
+// configures the guest's interfaces in the network namespace of the
+// sandbox's own container (a pod's app containers join it), just before
+// that container's process starts, and records the result for `boxlite
+// inspect`.
+func (b *sandbox) startNetwork(ctx context.Context) error {
 	cfg, err := b.net.wire(ctx, b.id)
 	if err != nil {
 		return fmt.Errorf("network of %s: %w", b.id, err)
@@ -385,8 +386,8 @@ func (b *box) startNetwork(ctx context.Context) error {
 		}
 	}
 	if cfg != nil {
-		if _, err := b.sb.Agent().ConfigureNetwork(ctx, cfg); err != nil {
-			return fmt.Errorf("configure the network of %s in the guest: %w", b.id, errgrpc.ToNative(err))
+		if _, err := b.vm.Agent().ConfigureNetwork(ctx, cfg); err != nil {
+			return fmt.Errorf("configure the network of %s in the guest: %w", b.id, err)
 		}
 		for _, i := range cfg.Interfaces {
 			mac := i.Mac

@@ -45,9 +45,17 @@ type exitInfo struct {
 	at     time.Time
 }
 
-// process is one process of a box: its init (execID "") or an exec.
+// process is one process of a container: its init (execID "") or an exec.
+//
+// Its lifecycle follows runc's shim: an operation checks the state, does
+// its work, and only then changes the state (transition), all under op, so
+// a Start or Delete whose work failed leaves the state as it was and can be
+// retried or followed by a Delete.
 type process struct {
 	id, execID string
+	// op serialises the lifecycle operations (Start, Delete, Pause,
+	// Resume) of this process; Kill and Wait do not take it.
+	op sync.Mutex
 	// stdio is what containerd asked for.
 	stdio stdioConfig
 	// spec is the exec's OCI process as JSON (nil for init).
@@ -62,6 +70,8 @@ type process struct {
 	mu sync.Mutex
 	// state is guarded by mu.
 	state procState
+	// starting says a Start's work is in flight. Guarded by mu.
+	starting bool
 	// exit is set when state becomes stopped. Guarded by mu.
 	exit exitInfo
 	// relay moves stdio; nil until started. Guarded by mu.
@@ -83,10 +93,28 @@ func (p *process) name() string {
 	return p.id + "/" + p.execID
 }
 
+// require says why verb cannot run unless the process is in one of states.
+// Call it with op held, before the work; transition after it.
+func (p *process) require(verb string, states ...procState) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, st := range states {
+		if p.state == st {
+			return nil
+		}
+	}
+	return fmt.Errorf("cannot %s %s in %s state: %w", verb, p.name(), p.state, errdefs.ErrFailedPrecondition)
+}
+
 // transition moves the process from one of from to to, or says why not.
+// An exit recorded meanwhile wins: a process that stopped while its Start
+// or Resume was in flight stays stopped.
 func (p *process) transition(verb string, to procState, from ...procState) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.state == stateStopped && to != stateDeleted {
+		return nil
+	}
 	for _, f := range from {
 		if p.state == f {
 			p.state = to
@@ -104,7 +132,8 @@ func (p *process) current() (procState, exitInfo) {
 }
 
 // setExited records the exit once; later calls are ignored. It reports
-// whether this call recorded it.
+// whether this call recorded it. A deleted process records it and stays
+// deleted.
 func (p *process) setExited(e exitInfo) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -119,6 +148,42 @@ func (p *process) setExited(e exitInfo) bool {
 	p.exit = e
 	close(p.exited)
 	return true
+}
+
+// beginStart notes that a Start's work is in flight: an exit that comes
+// meanwhile waits for its TaskStart.
+func (p *process) beginStart() {
+	p.mu.Lock()
+	p.starting = true
+	p.mu.Unlock()
+}
+
+// endStart notes that the Start's work is over (done or failed) and
+// releases exit publication.
+func (p *process) endStart() {
+	p.mu.Lock()
+	p.starting = false
+	p.mu.Unlock()
+	p.markStarted()
+}
+
+// neverStarting says the process was created and no Start is in flight:
+// an exit now has no start event to wait for.
+func (p *process) neverStarting() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state == stateCreated && !p.starting
+}
+
+// readyToExit says the process's exit can be published at once: its start
+// was published and it has no output to drain.
+func (p *process) readyToExit() bool {
+	select {
+	case <-p.started:
+	default:
+		return false
+	}
+	return p.getRelay() == nil
 }
 
 // markStarted releases exit publication for this process.

@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -21,7 +22,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
-	"github.com/boxlite/boxlite/pkg/vmm"
+	guestvm "github.com/boxlite/boxlite/pkg/sandbox"
 )
 
 var (
@@ -29,23 +30,29 @@ var (
 	_ shim.TTRPCService        = (*service)(nil)
 )
 
-// service is the Task v3 service of one shim, serving one box.
+// service is the Task v3 service of one shim: one sandbox (one VM) and its
+// containers, a single-container box or a pod's pause and app containers.
 type service struct {
 	events   *publisher
 	shutdown shutdown.Service
 
-	// mu guards box.
+	// createMu serialises Create: a sandbox boots once, and containers
+	// join it one at a time.
+	createMu sync.Mutex
+
+	// mu guards sb and containers.
 	mu sync.Mutex
-	// box is the shim's box, nil before Create and after Delete. Guarded by mu.
-	box *box
-	// deleted says the box was created and then deleted. Guarded by mu.
-	deleted bool
+	// sb is the shim's sandbox, nil before the first Create. Guarded by mu.
+	sb *sandbox
+	// containers are the sandbox's containers by id, until deleted.
+	// Guarded by mu.
+	containers map[string]*container
 }
 
 // NewTaskService returns the Task v3 service; the shim library serves it.
 func NewTaskService(ctx context.Context, pub shim.Publisher, sd shutdown.Service) (taskAPI.TTRPCTaskService, error) {
 	ns, _ := namespaces.Namespace(ctx)
-	s := &service{events: newPublisher(ns, pub), shutdown: sd}
+	s := &service{events: newPublisher(ns, pub), shutdown: sd, containers: map[string]*container{}}
 	sd.RegisterCallback(func(context.Context) error {
 		s.events.close()
 		return nil
@@ -59,28 +66,49 @@ func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
 	return nil
 }
 
-// getBox returns the box named id.
-func (s *service) getBox(id string) (*box, error) {
+// getContainer returns container id and the sandbox it runs in.
+func (s *service) getContainer(id string) (*sandbox, *container, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.box == nil || s.box.id != id {
-		return nil, fmt.Errorf("task %s: %w", id, errdefs.ErrNotFound)
+	c, ok := s.containers[id]
+	if !ok {
+		return nil, nil, fmt.Errorf("task %s: %w", id, errdefs.ErrNotFound)
 	}
-	return s.box, nil
+	return s.sb, c, nil
 }
 
-// getProcess returns a process of box id.
-func (s *service) getProcess(id, execID string) (*box, *process, error) {
-	b, err := s.getBox(id)
+// getProcess returns a process of container id.
+func (s *service) getProcess(id, execID string) (*sandbox, *container, *process, error) {
+	sb, c, err := s.getContainer(id)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	p, err := b.process(execID)
-	return b, p, err
+	p, err := c.process(execID)
+	return sb, c, p, err
 }
 
-// Create boots the box's VM and creates its container in the guest. On any
-// failure nothing is left: the VM is killed and reaped, mounts undone.
+// containerList returns the sandbox's containers.
+func (s *service) containerList() []*container {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*container, 0, len(s.containers))
+	for _, c := range s.containers {
+		out = append(out, c)
+	}
+	return out
+}
+
+// findContainer returns container id, or nil.
+func (s *service) findContainer(id string) *container {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.containers[id]
+}
+
+// Create creates a container: a box or a pod's sandbox container boots the
+// VM; a pod's app container joins the running VM of its sandbox. On any
+// failure nothing is left: a VM booted for it is killed and reaped, its
+// files leave the share, mounts are undone.
 func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
 	resp, err := s.create(ctx, r)
 	return resp, errgrpc.ToGRPC(err)
@@ -93,12 +121,63 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if r.Checkpoint != "" {
 		return nil, fmt.Errorf("restore from checkpoint: %w", errdefs.ErrNotImplemented)
 	}
-	s.mu.Lock()
-	if s.box != nil || s.deleted {
-		s.mu.Unlock()
-		return nil, fmt.Errorf("this shim already serves a box: %w", errdefs.ErrAlreadyExists)
+	s.createMu.Lock()
+	defer s.createMu.Unlock()
+	c, err := newContainer(ctx, r)
+	if err != nil {
+		return nil, err
 	}
+	sb, err := s.sandboxFor(c)
+	if err != nil {
+		return nil, err
+	}
+	if c.rootfs, c.mounted, err = prepareRootfs(r.Bundle, c.ociSpec, r.Rootfs); err != nil {
+		return nil, err
+	}
+	var undo cleanups
+	defer func() {
+		if retErr != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*stopTimeout)
+			undo.run(cctx, c.id)
+			cancel()
+		}
+	}()
+	undo.add("unmount rootfs", func(context.Context) error { return c.unmountRootfs() })
+	if c.isSandbox() {
+		undo.add("tear the sandbox down", sb.teardown)
+		if err := sb.boot(ctx, c, r.Options); err != nil {
+			return nil, err
+		}
+	} else {
+		undo.add("take the container out of the share", func(context.Context) error { return sb.removeContainer(c) })
+	}
+	if err := s.createInGuest(ctx, sb, c, r, &undo); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if c.isSandbox() {
+		s.sb = sb
+	}
+	s.containers[c.id] = c
 	s.mu.Unlock()
+	if c.isSandbox() {
+		sb.exits = newExitLoop(s.events, sb.pid(), sb.vm.OOMKilled, s.containerList, func(ic *container) {
+			if ic.isSandbox() {
+				sb.stopHealth()
+			}
+		})
+		go sb.exits.pollGuest(sb.vm.Agent(), sb.vm.Done(), s.findContainer)
+	}
+	s.events.send(&eventstypes.TaskCreate{
+		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Checkpoint: r.Checkpoint,
+		IO:  &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
+		Pid: sb.pid(),
+	})
+	return &taskAPI.CreateTaskResponse{Pid: sb.pid()}, nil
+}
+
+// newContainer reads and checks the bundle of a container to create.
+func newContainer(ctx context.Context, r *taskAPI.CreateTaskRequest) (*container, error) {
 	ns, _ := namespaces.Namespace(ctx)
 	specData, spec, err := readSpec(r.Bundle)
 	if err != nil {
@@ -110,197 +189,260 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err := checkHooks(spec); err != nil {
 		return nil, err
 	}
-	rootfs, mounted, err := prepareRootfs(r.Bundle, spec, r.Rootfs)
+	role, sbID, err := roleOf(r.ID, spec)
 	if err != nil {
 		return nil, err
 	}
-	b := &box{id: r.ID, ns: ns, bundle: r.Bundle, spec: specData, ociSpec: spec, rootfs: rootfs, mounted: mounted,
-		stateDir: boxStateDir(ns, r.ID), execs: map[string]*process{}}
-	defer func() {
-		if retErr != nil {
-			if b.init != nil {
-				if rl := b.init.getRelay(); rl != nil {
-					rl.abort()
-				}
-			}
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*stopTimeout)
-			if err := b.teardown(cctx); err != nil {
-				log.G(ctx).WithError(err).WithField("id", r.ID).Error("clean up failed create")
-			}
-			cancel()
+	return &container{id: r.ID, ns: ns, bundle: r.Bundle, role: role, sandboxID: sbID, spec: specData, ociSpec: spec,
+		execs: map[string]*process{}}, nil
+}
+
+// sandboxFor returns the sandbox c runs in: a new one for a box or a pod's
+// sandbox container, the running one for a pod's app container.
+func (s *service) sandboxFor(c *container) (*sandbox, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.containers[c.id]; ok {
+		return nil, fmt.Errorf("task %s: %w", c.id, errdefs.ErrAlreadyExists)
+	}
+	if c.isSandbox() {
+		if s.sb != nil {
+			return nil, fmt.Errorf("this shim already serves sandbox %s: %w", s.sb.id, errdefs.ErrAlreadyExists)
 		}
-	}()
-	shared, err := bootBox(ctx, b, r.Options)
+		return newSandbox(c), nil
+	}
+	sbID := c.sandboxID
+	if s.sb == nil || s.sb.id != sbID {
+		return nil, fmt.Errorf("container %s belongs to pod sandbox %s, which this shim does not run (create the sandbox container first): %w", c.id, sbID, errdefs.ErrNotFound)
+	}
+	if !s.sb.alive() {
+		return nil, fmt.Errorf("the VM of pod sandbox %s is gone: %w", sbID, errdefs.ErrFailedPrecondition)
+	}
+	return s.sb, nil
+}
+
+// createInGuest shares c's files with the running VM, opens its stdio and
+// creates it in the guest, then runs its prestart and createRuntime hooks.
+func (s *service) createInGuest(ctx context.Context, sb *sandbox, c *container, r *taskAPI.CreateTaskRequest, undo *cleanups) error {
+	shared, err := sb.addContainer(c)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	stdio := stdioConfig{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}
-	b.init = newProcess(r.ID, "", stdio, nil)
-	rl, err := openRelay(ctx, stdio, ns, r.ID)
+	c.init = newProcess(c.id, "", stdio, nil)
+	rl, err := openRelay(ctx, stdio, c.ns, c.id)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	b.init.setRelay(rl)
-	c := b.sb.Agent()
-	if _, err := c.CreateContainer(ctx, &api.CreateContainerRequest{
-		Id: r.ID, Spec: specData, ShareTag: vmm.ShareTag, Rootfs: shared.rootfs, SharedMounts: shared.mounts,
-		Stdio: stdio.agentStdio(),
+	// A container that never ran: its logger has nothing to flush.
+	undo.add("close stdio", func(context.Context) error { rl.abort(); return nil })
+	c.init.setRelay(rl)
+	a := sb.vm.Agent()
+	sbID, joins, shm := c.podRequest()
+	if _, err := a.CreateContainer(ctx, &api.CreateContainerRequest{
+		Id: c.id, Spec: c.spec, ShareTag: guestvm.ShareTag, Rootfs: shared.rootfs, SharedMounts: shared.mounts,
+		Stdio: stdio.agentStdio(), SandboxId: sbID, JoinNamespaces: joins, PodShmMounts: shm,
 	}); err != nil {
-		return nil, fmt.Errorf("create %s in the guest: %w", r.ID, errgrpc.ToNative(err))
+		return fmt.Errorf("create %s in the guest: %w", c.id, err)
+	}
+	if !c.isSandbox() {
+		undo.add("delete the container in the guest", func(ctx context.Context) error {
+			_, err := a.DeleteContainer(ctx, &api.DeleteContainerRequest{Id: c.id})
+			return err
+		})
 	}
 	// The container's namespaces exist and QEMU runs in the box's
 	// network namespace: the hooks that configure it run now, before
 	// the process does.
-	if err := b.runHooks(ctx, hookPrestart, hookCreateRuntime); err != nil {
-		return nil, err
+	if err := c.runHooks(ctx, int(sb.pid()), hookPrestart, hookCreateRuntime); err != nil {
+		return err
 	}
-	rl.start(c, r.ID, "")
-	s.mu.Lock()
-	s.box = b
-	s.mu.Unlock()
-	go s.watchGuest(b)
-	s.events.send(&eventstypes.TaskCreate{
-		ContainerID: r.ID, Bundle: r.Bundle, Rootfs: r.Rootfs, Checkpoint: r.Checkpoint,
-		IO:  &eventstypes.TaskIO{Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr, Terminal: r.Terminal},
-		Pid: b.vmmPid(),
-	})
-	return &taskAPI.CreateTaskResponse{Pid: b.vmmPid()}, nil
+	rl.start(a, c.id, "")
+	return nil
 }
 
-// Start starts the box's init or a created exec.
+// Start starts a container's init or a created exec. A Start whose work
+// failed leaves the process created: it can be deleted (or started again).
 func (s *service) Start(ctx context.Context, r *taskAPI.StartRequest) (*taskAPI.StartResponse, error) {
-	b, p, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	p.op.Lock()
+	defer p.op.Unlock()
+	if err := p.require("start", stateCreated); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	p.beginStart()
+	defer p.endStart()
+	if err := s.startProcess(ctx, sb, c, p); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	if err := p.transition("start", stateRunning, stateCreated); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if err := s.startProcess(ctx, b, p); err != nil {
-		p.setExited(exitInfo{status: 255, at: time.Now()})
-		p.markStarted()
-		return nil, errgrpc.ToGRPC(err)
-	}
 	if r.ExecID == "" {
-		s.events.send(&eventstypes.TaskStart{ContainerID: b.id, Pid: b.vmmPid()})
-		s.startHealth(b)
-		b.runHooks(ctx, hookPoststart)
+		s.events.send(&eventstypes.TaskStart{ContainerID: c.id, Pid: sb.pid()})
+		if c.isSandbox() {
+			sb.startHealth(s.events)
+		}
+		c.runHooks(ctx, int(sb.pid()), hookPoststart)
 	} else {
-		s.events.send(&eventstypes.TaskExecStarted{ContainerID: b.id, ExecID: r.ExecID, Pid: b.vmmPid()})
+		s.events.send(&eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: r.ExecID, Pid: sb.pid()})
 	}
-	p.markStarted()
-	return &taskAPI.StartResponse{Pid: b.vmmPid()}, nil
+	return &taskAPI.StartResponse{Pid: sb.pid()}, nil
 }
 
-func (s *service) startProcess(ctx context.Context, b *box, p *process) error {
-	c := b.sb.Agent()
+func (s *service) startProcess(ctx context.Context, sb *sandbox, c *container, p *process) error {
+	if !sb.alive() {
+		return fmt.Errorf("start %s: the VM is gone: %w", p.name(), errdefs.ErrFailedPrecondition)
+	}
+	a := sb.vm.Agent()
 	if p.execID == "" {
-		if err := b.startNetwork(ctx); err != nil {
-			return err
+		if c.isSandbox() {
+			if err := sb.startNetwork(ctx); err != nil {
+				return err
+			}
 		}
-		if _, err := c.StartContainer(ctx, &api.ContainerRequest{Id: b.id}); err != nil {
-			return fmt.Errorf("start %s: %w", b.id, errgrpc.ToNative(err))
+		if _, err := a.StartContainer(ctx, &api.ContainerRequest{Id: c.id}); err != nil {
+			return fmt.Errorf("start %s: %w", c.id, err)
 		}
 		return nil
 	}
-	rl, err := openRelay(ctx, p.stdio, b.ns, b.id)
+	rl, err := openRelay(ctx, p.stdio, c.ns, c.id)
 	if err != nil {
 		return err
 	}
-	if _, err := c.ExecProcess(ctx, &api.ExecProcessRequest{
-		Id: b.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
+	if _, err := a.ExecProcess(ctx, &api.ExecProcessRequest{
+		Id: c.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
 	}); err != nil {
 		// The exec never ran: its logger has nothing to flush.
 		rl.abort()
-		return fmt.Errorf("exec %s in %s: %w", p.execID, b.id, errgrpc.ToNative(err))
+		return fmt.Errorf("exec %s in %s: %w", p.execID, c.id, err)
 	}
 	p.setRelay(rl)
-	rl.start(c, b.id, p.execID)
+	rl.start(a, c.id, p.execID)
 	return nil
 }
 
-// Delete deletes an exited exec, or the box: its container, its VM (reaped
-// before anything is removed), its mounts and state.
+// Delete deletes an exited (or never started) exec or container. A
+// container's Delete does its work first and changes state only once it
+// succeeded, so a failed one can be retried: for the sandbox's own
+// container it tears the sandbox down (the VM reaped before anything is
+// removed); for a pod's app container it deletes it in the guest and takes
+// its files out of the share, and the VM runs on.
 func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	b, p, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
+	p.op.Lock()
+	defer p.op.Unlock()
+	if err := p.require("delete", stateCreated, stateStopped); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if r.ExecID != "" {
+		s.deleteExec(ctx, sb, c, p)
+	} else if err := s.deleteContainer(ctx, sb, c); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	// Waiters of a process that never ran are released with its delete.
+	p.setExited(exitInfo{at: time.Now()})
+	_, e := p.current()
 	if err := p.transition("delete", stateDeleted, stateCreated, stateStopped); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	_, e := p.current()
-	if e.at.IsZero() {
-		e.at = time.Now()
-	}
-	if r.ExecID != "" {
-		if rl := p.getRelay(); rl != nil {
-			rl.close()
-		}
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		b.sb.Agent().DeleteProcess(dctx, &api.ProcessRequest{Id: b.id, ExecId: r.ExecID})
-		cancel()
-		b.mu.Lock()
-		delete(b.execs, r.ExecID)
-		b.mu.Unlock()
-	} else {
-		if err := b.teardown(ctx); err != nil {
-			return nil, errgrpc.ToGRPC(err)
-		}
+	if r.ExecID == "" {
 		s.mu.Lock()
-		s.box, s.deleted = nil, true
+		delete(s.containers, c.id)
 		s.mu.Unlock()
-		b.runHooks(ctx, hookPoststop)
-		s.events.send(&eventstypes.TaskDelete{ContainerID: b.id, Pid: b.vmmPid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)})
+		c.runHooks(ctx, int(sb.pid()), hookPoststop)
+		s.events.send(&eventstypes.TaskDelete{ContainerID: c.id, Pid: sb.pid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)})
 	}
-	return &taskAPI.DeleteResponse{Pid: b.vmmPid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)}, nil
+	return &taskAPI.DeleteResponse{Pid: sb.pid(), ExitStatus: e.status, ExitedAt: protobuf.ToTimestamp(e.at)}, nil
+}
+
+// deleteExec forgets an exec in the shim and the guest.
+func (s *service) deleteExec(ctx context.Context, sb *sandbox, c *container, p *process) {
+	if rl := p.getRelay(); rl != nil {
+		rl.close()
+	}
+	if sb.alive() {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if _, err := sb.vm.Agent().DeleteProcess(dctx, &api.ProcessRequest{Id: c.id, ExecId: p.execID}); err != nil {
+			log.G(ctx).WithError(err).WithField("id", c.id).WithField("exec_id", p.execID).Debug("delete exec in the guest")
+		}
+		cancel()
+	}
+	c.mu.Lock()
+	delete(c.execs, p.execID)
+	c.mu.Unlock()
+}
+
+// deleteContainer undoes what Create made for c.
+func (s *service) deleteContainer(ctx context.Context, sb *sandbox, c *container) error {
+	if c.isSandbox() {
+		if err := sb.teardown(ctx); err != nil {
+			return err
+		}
+	} else {
+		if sb.alive() {
+			if _, err := sb.vm.Agent().DeleteContainer(ctx, &api.DeleteContainerRequest{Id: c.id}); err != nil && !errdefs.IsNotFound(err) {
+				return fmt.Errorf("delete %s in the guest: %w", c.id, err)
+			}
+		}
+		if err := sb.removeContainer(c); err != nil {
+			return err
+		}
+	}
+	c.closeRelays()
+	return c.unmountRootfs()
 }
 
 // Exec adds an exec process; Start runs it.
 func (s *service) Exec(ctx context.Context, r *taskAPI.ExecProcessRequest) (*emptypb.Empty, error) {
-	b, err := s.getBox(r.ID)
+	_, c, err := s.getContainer(r.ID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if st, _ := b.init.current(); st != stateRunning && st != statePaused {
+	if st, _ := c.init.current(); st != stateRunning && st != statePaused {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("cannot exec in %s in %s state: %w", r.ID, st, errdefs.ErrFailedPrecondition))
 	}
 	if r.ExecID == "" || r.Spec == nil {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("exec needs an id and a process: %w", errdefs.ErrInvalidArgument))
 	}
-	b.mu.Lock()
-	if _, ok := b.execs[r.ExecID]; ok {
-		b.mu.Unlock()
+	c.mu.Lock()
+	if _, ok := c.execs[r.ExecID]; ok {
+		c.mu.Unlock()
 		return nil, errgrpc.ToGRPC(fmt.Errorf("exec %s: %w", r.ExecID, errdefs.ErrAlreadyExists))
 	}
-	b.execs[r.ExecID] = newProcess(r.ID, r.ExecID,
+	c.execs[r.ExecID] = newProcess(r.ID, r.ExecID,
 		stdioConfig{stdin: r.Stdin, stdout: r.Stdout, stderr: r.Stderr, terminal: r.Terminal}, r.Spec.Value)
-	b.mu.Unlock()
+	c.mu.Unlock()
 	s.events.send(&eventstypes.TaskExecAdded{ContainerID: r.ID, ExecID: r.ExecID})
 	return &emptypb.Empty{}, nil
 }
 
 // Kill signals a process. An exited process is NotFound, as with runc.
 func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Empty, error) {
-	b, p, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	switch st, _ := p.current(); st {
-	case stateStopped, stateDeleted:
+	if !live(p) || !sb.alive() {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("process %s already finished: %w", p.name(), errdefs.ErrNotFound))
 	}
-	if _, err := b.sb.Agent().SignalProcess(ctx, &api.SignalProcessRequest{
-		Id: b.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All,
+	if _, err := sb.vm.Agent().SignalProcess(ctx, &api.SignalProcessRequest{
+		Id: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All,
 	}); err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), errgrpc.ToNative(err)))
+		return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
 	}
 	return &emptypb.Empty{}, nil
 }
 
 // Wait blocks until the process exits.
 func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
-	_, p, err := s.getProcess(r.ID, r.ExecID)
+	_, _, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
@@ -313,13 +455,13 @@ func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.Wa
 
 // State reports a process's status and stdio.
 func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.StateResponse, error) {
-	b, p, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
 	st, e := p.current()
 	resp := &taskAPI.StateResponse{
-		ID: b.id, ExecID: r.ExecID, Bundle: b.bundle, Pid: b.vmmPid(), Status: st.taskStatus(),
+		ID: c.id, ExecID: r.ExecID, Bundle: c.bundle, Pid: sb.pid(), Status: st.taskStatus(),
 		Stdin: p.stdio.stdin, Stdout: p.stdio.stdout, Stderr: p.stdio.stderr, Terminal: p.stdio.terminal,
 	}
 	if st == stateStopped || st == stateDeleted {
@@ -328,15 +470,29 @@ func (s *service) State(ctx context.Context, r *taskAPI.StateRequest) (*taskAPI.
 	return resp, nil
 }
 
-// Pids lists the processes in the box (guest pids).
+// runningIn returns the sandbox and container id for a call that needs the
+// guest: NotFound when the task is unknown, FailedPrecondition when its VM
+// is gone.
+func (s *service) runningIn(id string) (*sandbox, *container, error) {
+	sb, c, err := s.getContainer(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !sb.alive() {
+		return nil, nil, fmt.Errorf("task %s: its VM is gone: %w", id, errdefs.ErrFailedPrecondition)
+	}
+	return sb, c, nil
+}
+
+// Pids lists the processes of a container (guest pids).
 func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.PidsResponse, error) {
-	b, err := s.getBox(r.ID)
+	sb, c, err := s.runningIn(r.ID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	resp, err := b.sb.Agent().ListPids(ctx, &api.ContainerRequest{Id: b.id})
+	resp, err := sb.vm.Agent().ListPids(ctx, &api.ContainerRequest{Id: c.id})
 	if err != nil {
-		return nil, errgrpc.ToGRPC(errgrpc.ToNative(err))
+		return nil, errgrpc.ToGRPC(err)
 	}
 	out := &taskAPI.PidsResponse{}
 	for _, pid := range resp.Pids {
@@ -345,60 +501,72 @@ func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	return out, nil
 }
 
-// Pause freezes the box's container.
+// Pause freezes a container.
 func (s *service) Pause(ctx context.Context, r *taskAPI.PauseRequest) (*emptypb.Empty, error) {
-	b, err := s.getBox(r.ID)
-	if err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	if err := b.init.transition("pause", statePaused, stateRunning); err != nil {
-		return nil, errgrpc.ToGRPC(err)
-	}
-	if _, err := b.sb.Agent().Pause(ctx, &api.ContainerRequest{Id: b.id}); err != nil {
-		b.init.transition("undo pause", stateRunning, statePaused)
-		return nil, errgrpc.ToGRPC(errgrpc.ToNative(err))
-	}
-	s.events.send(&eventstypes.TaskPaused{ContainerID: b.id})
-	return &emptypb.Empty{}, nil
+	return s.freeze(ctx, r.ID, "pause", statePaused, stateRunning)
 }
 
-// Resume thaws the box's container.
+// Resume thaws a container.
 func (s *service) Resume(ctx context.Context, r *taskAPI.ResumeRequest) (*emptypb.Empty, error) {
-	b, err := s.getBox(r.ID)
+	return s.freeze(ctx, r.ID, "resume", stateRunning, statePaused)
+}
+
+// freeze pauses (to paused) or resumes (to running) a container in the
+// guest, then moves its init to the new state.
+func (s *service) freeze(ctx context.Context, id, verb string, to, from procState) (*emptypb.Empty, error) {
+	sb, c, err := s.runningIn(id)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if err := b.init.transition("resume", stateRunning, statePaused); err != nil {
+	p := c.init
+	p.op.Lock()
+	defer p.op.Unlock()
+	if err := p.require(verb, from); err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if _, err := b.sb.Agent().Resume(ctx, &api.ContainerRequest{Id: b.id}); err != nil {
-		b.init.transition("undo resume", statePaused, stateRunning)
-		return nil, errgrpc.ToGRPC(errgrpc.ToNative(err))
+	a, req := sb.vm.Agent(), &api.ContainerRequest{Id: c.id}
+	if to == statePaused {
+		_, err = a.Pause(ctx, req)
+	} else {
+		_, err = a.Resume(ctx, req)
 	}
-	s.events.send(&eventstypes.TaskResumed{ContainerID: b.id})
+	if err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("%s %s: %w", verb, c.id, err))
+	}
+	if err := p.transition(verb, to, from); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if to == statePaused {
+		s.events.send(&eventstypes.TaskPaused{ContainerID: c.id})
+	} else {
+		s.events.send(&eventstypes.TaskResumed{ContainerID: c.id})
+	}
 	return &emptypb.Empty{}, nil
 }
 
 // CloseIO closes a process's stdin.
 func (s *service) CloseIO(ctx context.Context, r *taskAPI.CloseIORequest) (*emptypb.Empty, error) {
-	b, p, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, p, err := s.getProcess(r.ID, r.ExecID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if rl := p.getRelay(); rl != nil && r.Stdin {
-		rl.closeStdin(b.sb.Agent(), b.id, r.ExecID)
+	if rl := p.getRelay(); rl != nil && r.Stdin && sb.vm != nil {
+		rl.closeStdin(sb.vm.Agent(), c.id, r.ExecID)
 	}
 	return &emptypb.Empty{}, nil
 }
 
 // ResizePty resizes a process's terminal.
 func (s *service) ResizePty(ctx context.Context, r *taskAPI.ResizePtyRequest) (*emptypb.Empty, error) {
-	b, _, err := s.getProcess(r.ID, r.ExecID)
+	sb, c, err := s.runningIn(r.ID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if _, err := b.sb.Agent().ResizePty(ctx, &api.ResizePtyRequest{Id: b.id, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
-		return nil, errgrpc.ToGRPC(errgrpc.ToNative(err))
+	if _, err := c.process(r.ExecID); err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if _, err := sb.vm.Agent().ResizePty(ctx, &api.ResizePtyRequest{Id: c.id, ExecId: r.ExecID, Width: r.Width, Height: r.Height}); err != nil {
+		return nil, errgrpc.ToGRPC(err)
 	}
 	return &emptypb.Empty{}, nil
 }
@@ -416,28 +584,35 @@ func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*em
 // Connect returns the shim's pid and the task's (the VMM's) pid.
 func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*taskAPI.ConnectResponse, error) {
 	resp := &taskAPI.ConnectResponse{ShimPid: uint32(os.Getpid())}
-	if b, err := s.getBox(r.ID); err == nil {
-		resp.TaskPid = b.vmmPid()
+	if sb, _, err := s.getContainer(r.ID); err == nil {
+		resp.TaskPid = sb.pid()
 	}
 	return resp, nil
 }
 
-// Shutdown ends the shim once its box is deleted (or at once with Now): the
-// VM is killed and reaped first.
+// Shutdown ends the shim once every container is deleted, or at once with
+// Now (the VM killed and reaped first). containerd sends it after each
+// delete; while a container of the sandbox remains it is ignored.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
 	s.mu.Lock()
-	b := s.box
+	sb, left := s.sb, len(s.containers)
 	s.mu.Unlock()
-	if b != nil {
-		if !r.Now {
-			return &emptypb.Empty{}, nil
+	if left > 0 && !r.Now {
+		return &emptypb.Empty{}, nil
+	}
+	if sb != nil && r.Now {
+		if err := sb.kill(); err != nil {
+			return nil, errgrpc.ToGRPC(err)
 		}
-		if b.sb != nil {
-			if err := b.sb.Kill(); err != nil {
-				return nil, errgrpc.ToGRPC(err)
-			}
+		if err := sb.teardown(ctx); err != nil {
+			return nil, errgrpc.ToGRPC(err)
 		}
-		if err := b.teardown(ctx); err != nil {
+		var errs []error
+		for _, c := range s.containerList() {
+			c.closeRelays()
+			errs = append(errs, c.unmountRootfs())
+		}
+		if err := errors.Join(errs...); err != nil {
 			return nil, errgrpc.ToGRPC(err)
 		}
 	}

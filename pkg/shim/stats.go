@@ -14,16 +14,16 @@ import (
 	"github.com/boxlite/boxlite/pkg/agent/api"
 )
 
-// Stats returns the box's guest cgroup v2 figures as containerd's cgroup v2
+// Stats returns a container's guest cgroup v2 figures as containerd's cgroup v2
 // metrics type (what `ctr task metrics` decodes).
 func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.StatsResponse, error) {
-	b, err := s.getBox(r.ID)
+	sb, c, err := s.runningIn(r.ID)
 	if err != nil {
 		return nil, errgrpc.ToGRPC(err)
 	}
-	resp, err := b.sb.Agent().Stats(ctx, &api.ContainerRequest{Id: b.id})
+	resp, err := sb.vm.Agent().Stats(ctx, &api.ContainerRequest{Id: c.id})
 	if err != nil {
-		return nil, errgrpc.ToGRPC(errgrpc.ToNative(err))
+		return nil, errgrpc.ToGRPC(err)
 	}
 	var m cg2stats.Metrics
 	if err := proto.Unmarshal(resp.Metrics, &m); err != nil {

@@ -23,21 +23,21 @@ type boxShare struct {
 	mounts []*api.SharedMount
 }
 
-// shareContainer binds container id's rootfs and the source of every bind
-// mount of its spec into the share: under c/<id>/ the rootfs as "rootfs"
-// and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts, mqueue,
-// cgroup...) are made in the guest and need nothing from the host. A bind
+// shareContainer binds a container's rootfs and the source of every bind
+// mount of its spec into the share: under dir (c/<id>) the rootfs as
+// "rootfs" and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts, mqueue,
+// cgroup...) are made in the guest and need nothing from the host, and so
+// is a pod's /dev/shm (the mounts listed in skip). A bind
 // mount is recursive on the host side when its options say rbind, and
 // read-only there too when they say ro, so even QEMU cannot write through
 // it.
-func shareContainer(sh *share.Share, id, rootfs string, spec *specs.Spec) (*boxShare, error) {
-	dir := path.Join("c", id)
+func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip []uint32) (*boxShare, error) {
 	out := &boxShare{rootfs: path.Join(dir, "rootfs")}
 	if err := sh.Add(share.Bind{Source: rootfs, Path: out.rootfs, Recursive: true}); err != nil {
 		return nil, fmt.Errorf("share rootfs: %w", err)
 	}
 	for i, m := range spec.Mounts {
-		if !isBindMount(m) {
+		if !isBindMount(m) || slices.Contains(skip, uint32(i)) {
 			continue
 		}
 		p := path.Join(dir, fmt.Sprintf("m%d", i))

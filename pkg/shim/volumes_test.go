@@ -136,7 +136,7 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 		{Destination: "/dev/pts", Type: "devpts", Source: "devpts"},
 		{Destination: "/conf", Source: conf, Options: []string{"bind", "ro"}},
 	}}
-	got, err := shareContainer(sh, "box1", rootfs, spec)
+	got, err := shareContainer(sh, shareDir("box1"), rootfs, spec, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +237,7 @@ func TestShareContainerNamesTheMountThatFailed(t *testing.T) {
 				{Destination: "/proc", Type: "proc", Source: "proc"},
 				{Destination: "/srv/data", Type: "bind", Source: tc.source, Options: []string{"rbind"}},
 			}}
-			_, err := shareContainer(sh, "box1", rootfs, spec)
+			_, err := shareContainer(sh, shareDir("box1"), rootfs, spec, nil)
 			if !errors.Is(err, tc.is) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("shareContainer() = %v; want %v containing %q", err, tc.is, tc.want)
 			}
@@ -245,7 +245,7 @@ func TestShareContainerNamesTheMountThatFailed(t *testing.T) {
 	}
 	t.Run("missing rootfs", func(t *testing.T) {
 		sh := testShare(t, root)
-		_, err := shareContainer(sh, "box1", filepath.Join(root, "norootfs"), &specs.Spec{})
+		_, err := shareContainer(sh, shareDir("box1"), filepath.Join(root, "norootfs"), &specs.Spec{}, nil)
 		if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "share rootfs: ") {
 			t.Fatalf("shareContainer() = %v; want not found naming the rootfs", err)
 		}
