@@ -126,25 +126,55 @@ const maxVCPUs = 64
 // io.boxlite.memory_mib annotations, applied after, still set exact sizes.
 // Without this a container limited to 1 GiB (ctr --memory-limit, nerdctl
 // --memory, a Kubernetes limit) would be OOM-killed near 200 MiB.
+//
+// A pod's VM is sized the same way from the pod's totals, which CRI puts on
+// the sandbox container's spec as annotations (the pause container's own
+// limits are tiny): io.kubernetes.cri.sandbox-memory (bytes) and
+// -cpu-quota / -cpu-period (µs).
 func (o *vmOptions) fitResources(spec *specs.Spec) {
-	if spec.Linux == nil || spec.Linux.Resources == nil {
-		return
+	var memLimit, quota int64
+	var period uint64
+	if spec.Linux != nil && spec.Linux.Resources != nil {
+		res := spec.Linux.Resources
+		if m := res.Memory; m != nil && m.Limit != nil {
+			memLimit = *m.Limit
+		}
+		if c := res.CPU; c != nil && c.Quota != nil && c.Period != nil {
+			quota, period = *c.Quota, *c.Period
+		}
 	}
-	res := spec.Linux.Resources
-	if m := res.Memory; m != nil && m.Limit != nil && *m.Limit > 0 {
-		limitMiB := (*m.Limit + (1 << 20) - 1) >> 20
+	if spec.Annotations[annotationContainerType] == containerTypeSandbox {
+		if v, err := strconv.ParseInt(spec.Annotations[annotationSandboxMemory], 10, 64); err == nil && v > 0 {
+			memLimit = max(memLimit, v)
+		}
+		q, qerr := strconv.ParseInt(spec.Annotations[annotationSandboxCPUQuota], 10, 64)
+		p, perr := strconv.ParseUint(spec.Annotations[annotationSandboxCPUPeriod], 10, 64)
+		if qerr == nil && perr == nil && q > 0 && p > 0 && (period == 0 || float64(q)/float64(p) > float64(quota)/float64(period)) {
+			quota, period = q, p
+		}
+	}
+	if memLimit > 0 {
+		limitMiB := (memLimit + (1 << 20) - 1) >> 20
 		def := int64(cmp.Or(o.memoryMiB, vmm.DefaultMemoryMiB))
 		if need := limitMiB + guestOverheadMiB; need > def && need <= 1<<20 {
 			o.memoryMiB = int(need)
 		}
 	}
-	if c := res.CPU; c != nil && c.Quota != nil && *c.Quota > 0 && c.Period != nil && *c.Period > 0 {
-		need := int((uint64(*c.Quota) + *c.Period - 1) / *c.Period)
+	if quota > 0 && period > 0 {
+		need := int((uint64(quota) + period - 1) / period)
 		if need > cmp.Or(o.vcpus, vmm.DefaultVCPUs) {
 			o.vcpus = min(need, maxVCPUs)
 		}
 	}
 }
+
+// CRI's annotations on a pod's sandbox container that give the pod's
+// resource totals.
+const (
+	annotationSandboxMemory    = "io.kubernetes.cri.sandbox-memory"
+	annotationSandboxCPUQuota  = "io.kubernetes.cri.sandbox-cpu-quota"
+	annotationSandboxCPUPeriod = "io.kubernetes.cri.sandbox-cpu-period"
+)
 
 // annotationKnown is the set of io.boxlite.* annotations.
 var annotationKnown = func() map[string]struct{} {

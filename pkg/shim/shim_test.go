@@ -240,6 +240,10 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 // default; the annotations still set exact sizes.
 func TestVMIsSizedToFitTheLimits(t *testing.T) {
 	body := func(b string) *anypb.Any { return optionsBody(t, b) }
+	pod := func(ann map[string]string) map[string]string {
+		ann[annotationContainerType] = containerTypeSandbox
+		return ann
+	}
 	res := func(mem int64, quota int64, period uint64) *specs.Linux {
 		r := &specs.LinuxResources{}
 		if mem != 0 {
@@ -268,6 +272,15 @@ func TestVMIsSizedToFitTheLimits(t *testing.T) {
 		{"quota capped", res(0, 1000*100000, 100000), nil, nil, vmOptions{vcpus: 64}},
 		{"annotations win", res(1<<30, 400000, 100000), nil,
 			map[string]string{AnnotationMemory: "512", AnnotationVCPUs: "1"}, vmOptions{memoryMiB: 512, vcpus: 1}},
+		{"pod totals size the pod's VM", res(0, 0, 0), nil, pod(map[string]string{annotationSandboxMemory: "1073741824",
+			annotationSandboxCPUQuota: "250000", annotationSandboxCPUPeriod: "100000"}), vmOptions{memoryMiB: 1024 + guestOverheadMiB, vcpus: 3}},
+		{"small pod keeps the defaults", res(0, 0, 0), nil, pod(map[string]string{annotationSandboxMemory: "67108864"}), vmOptions{}},
+		{"pod totals only for the sandbox", nil, nil, map[string]string{annotationContainerType: containerTypeContainer,
+			annotationSandboxMemory: "1073741824"}, vmOptions{}},
+		{"annotations win over pod totals", nil, nil, pod(map[string]string{annotationSandboxMemory: "1073741824",
+			AnnotationMemory: "300"}), vmOptions{memoryMiB: 300}},
+		{"bad pod totals are ignored", nil, nil, pod(map[string]string{annotationSandboxMemory: "lots",
+			annotationSandboxCPUQuota: "-1", annotationSandboxCPUPeriod: "100000"}), vmOptions{}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
