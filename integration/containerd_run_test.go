@@ -227,11 +227,21 @@ func TestContainerdDefaultHostnameMatchesRunc(t *testing.T) {
 func TestContainerdOneMiBOfOutputMatchesRunc(t *testing.T) {
 	c := startContainerd(t)
 	args := []string{"sh", "-c", "seq 1 200000 | head -c 1048576; echo tail >&2"}
-	rc := c.runRm(t, runcRuntime, nil, args...)
-	bx := c.runRm(t, boxliteRuntime, nil, args...)
+	// The baseline itself is not under test, and ctr with runc's shim now
+	// and then loses the tail of a large output when the task exits
+	// (seen once on a loaded machine: 1028096 of 1048576 bytes): it gets
+	// three tries.
+	var rc ctrResult
+	for try := 1; try <= 3; try++ {
+		if rc = c.runRm(t, runcRuntime, nil, args...); len(rc.stdout) == 1<<20 {
+			break
+		}
+		t.Logf("runc baseline try %d printed %d bytes, want %d", try, len(rc.stdout), 1<<20)
+	}
 	if len(rc.stdout) != 1<<20 {
 		t.Fatalf("runc baseline printed %d bytes, want %d", len(rc.stdout), 1<<20)
 	}
+	bx := c.runRm(t, boxliteRuntime, nil, args...)
 	if sha256.Sum256([]byte(bx.stdout)) != sha256.Sum256([]byte(rc.stdout)) || bx.code != rc.code || bx.stderr != rc.stderr {
 		t.Errorf("boxlite: %d bytes, exit %d, stderr %q; runc: %d bytes, exit %d, stderr %q",
 			len(bx.stdout), bx.code, bx.stderr, len(rc.stdout), rc.code, rc.stderr)
