@@ -1,11 +1,16 @@
 // Package shim is containerd-shim-boxlite-v1: a containerd shim v2 serving
-// Task API v3 over ttrpc, one long-lived process per box, built on
-// containerd 2.4's shim library (RunShim, the Shim interface, the bootstrap
-// protocol).
+// Task API v3 over ttrpc, one long-lived process per box or per Kubernetes
+// pod, built on containerd 2.4's shim library (RunShim, the Shim interface,
+// the bootstrap protocol).
 //
-// A box is one microVM (pkg/sandbox: QEMU plus the guest agent) running one
-// container. Create boots the VM and creates the container in the guest;
-// Start, Exec, Kill, Wait, Delete and the rest are forwarded to the agent.
+// A shim serves one sandbox: one microVM (pkg/sandbox: QEMU plus the guest
+// agent) with its state directory, network, share, health checker and one
+// exit loop, and the containers that run in it. A single-container box is
+// its own sandbox. A pod's sandbox (pause) container boots the VM; the
+// pod's app containers (io.kubernetes.cri.container-type=container) are
+// served by the same shim and created in the running VM, joining the pause
+// container's namespaces in the guest. Start, Exec, Kill, Wait, Delete and
+// the rest are forwarded to the agent.
 // Stdio comes from containerd as FIFOs, file:// or binary:// URIs and is
 // relayed to the guest by offset (pkg/agent). Events go out in the order
 // Create, Start, (OOM), Exit, Delete, and ExecAdded, ExecStarted, Exit.
