@@ -71,6 +71,10 @@ type Bind struct {
 	// ReadOnly makes the bind read-only on the host side too, so nothing
 	// that reaches the share (the guest, QEMU) can write through it.
 	ReadOnly bool
+	// Slave keeps receiving what is mounted under Source later (a slave of
+	// its peer group, for rslave and rshared volumes): the guest then sees
+	// it too. Without it the bind is private.
+	Slave bool
 }
 
 // Add binds b.Source at b.Path in the share. The source must be a
@@ -108,9 +112,14 @@ func (s *Share) Add(b Bind) error {
 	}
 	// A bind of a source on a shared mount joins the source's peer group:
 	// private like the share, nothing mounted under the source later
-	// reaches the share and nothing bound inside it reaches the source.
-	if err := unix.Mount("", target, "", unix.MS_PRIVATE|unix.MS_REC, ""); err != nil {
-		return fmt.Errorf("make the bind of %s private: %w", src, err)
+	// reaches the share and nothing bound inside it reaches the source; a
+	// slave still receives the source's new mounts but sends nothing back.
+	prop, how := uintptr(unix.MS_PRIVATE), "private"
+	if b.Slave {
+		prop, how = unix.MS_SLAVE, "a slave"
+	}
+	if err := unix.Mount("", target, "", prop|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("make the bind of %s %s: %w", src, how, err)
 	}
 	if b.ReadOnly {
 		if err := readOnly(target, b.Recursive); err != nil {

@@ -256,3 +256,34 @@ func TestUnbindRemovesOnlyThatPath(t *testing.T) {
 		t.Errorf("Unbind(../x) = %v; want invalid argument", err)
 	}
 }
+
+// A slave bind keeps receiving what is mounted under its source later (an
+// rslave volume: the host's new mounts reach the guest); a private one
+// does not.
+func TestAddSlaveReceivesLaterMounts(t *testing.T) {
+	root := testRoot(t)
+	src := filepath.Join(root, "src")
+	if err := os.MkdirAll(filepath.Join(src, "later"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	mountTmpfs(t, src, true)
+	if err := os.MkdirAll(filepath.Join(src, "later"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := newShare(t, root)
+	if err := s.Add(Bind{Source: src, Path: "c1/m0", Recursive: true, Slave: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Add(Bind{Source: src, Path: "c1/m1", Recursive: true}); err != nil {
+		t.Fatal(err)
+	}
+	later := filepath.Join(src, "later")
+	mountTmpfs(t, later, false)
+	writeFiles(t, later, map[string]string{"flag": "mounted later"})
+	if _, err := os.Stat(filepath.Join(s.Dir(), "c1/m0/later/flag")); err != nil {
+		t.Errorf("the slave bind does not see a mount made after it: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir(), "c1/m1/later/flag")); err == nil {
+		t.Error("the private bind sees a mount made after it")
+	}
+}

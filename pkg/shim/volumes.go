@@ -46,6 +46,11 @@ func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip 
 			Path:      p,
 			Recursive: slices.Contains(m.Options, "rbind"),
 			ReadOnly:  readOnly(m.Options),
+			// Mounts made on the host under an rslave or rshared volume
+			// reach the guest (the other way round 9p cannot go).
+			Slave: slices.ContainsFunc(m.Options, func(o string) bool {
+				return o == "rslave" || o == "slave" || o == "rshared" || o == "shared"
+			}),
 		}
 		if err := sh.Add(b); err != nil {
 			return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
