@@ -126,6 +126,10 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 	if err != nil {
 		return 0, 0, err
 	}
+	writable, err := writableSubpaths(req.GetSharedMounts())
+	if err != nil {
+		return 0, 0, err
+	}
 	pod, err := a.podFor(c, req, undo)
 	if err != nil {
 		return 0, 0, err
@@ -142,6 +146,7 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 		cgroupsPath: c.cgroup,
 		terminal:    req.GetStdio().GetTerminal(),
 		sources:     sources,
+		writable:    writable,
 		joins:       pod.joins,
 	})
 	if err != nil {

@@ -87,11 +87,29 @@ func isBind(typ string, options []string) bool {
 	return typ == "bind" || slices.Contains(options, "bind") || slices.Contains(options, "rbind")
 }
 
+// writableSubpaths returns, by spec mount index, the subpaths the host
+// listed as writable under a shared mount; each must be a local path.
+func writableSubpaths(mounts []*api.SharedMount) (map[int][]string, error) {
+	out := map[int][]string{}
+	for _, m := range mounts {
+		for _, sub := range m.GetWritable() {
+			if !filepath.IsLocal(sub) {
+				return nil, fmt.Errorf("writable subpath %q of shared mount %d must be a relative path inside it: %w", sub, m.GetIndex(), errdefs.ErrInvalidArgument)
+			}
+			out[int(m.GetIndex())] = append(out[int(m.GetIndex())], sub)
+		}
+	}
+	return out, nil
+}
+
 // rewriteMounts sets the source of every bind mount in mounts (the spec's
 // "mounts" array) to its place in the share. A bind mount the host did not
 // share names a host path, which means nothing here: it is an error, as is
-// a shared index that is not a bind mount.
-func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string) error {
+// a shared index that is not a bind mount. After a mount with writable
+// subpaths, a writable bind of each follows: the 9p tree the guest sees
+// has no submounts, so a read-only bind would cover the host's submounts,
+// which runc's "ro" leaves writable.
+func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, writable map[int][]string) error {
 	raw, ok := doc["mounts"]
 	if !ok || string(raw) == "null" {
 		if len(shared) > 0 {
@@ -108,6 +126,7 @@ func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string) error 
 			return fmt.Errorf("shared mount %d: the spec has %d mounts: %w", i, len(mounts), errdefs.ErrInvalidArgument)
 		}
 	}
+	out := make([]map[string]json.RawMessage, 0, len(mounts))
 	for i, m := range mounts {
 		var typ, dst string
 		var opts []string
@@ -127,11 +146,25 @@ func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string) error 
 				return err
 			}
 		}
+		out = append(out, m)
+		for _, sub := range writable[i] {
+			if !listed {
+				return fmt.Errorf("mount %d (%s) has writable subpaths but is not shared: %w", i, dst, errdefs.ErrInvalidArgument)
+			}
+			w := map[string]json.RawMessage{}
+			for k, v := range map[string]any{"destination": filepath.Join(dst, sub), "type": "bind",
+				"source": filepath.Join(src, sub), "options": []string{"rbind", "rw"}} {
+				if err := setField(w, k, v); err != nil {
+					return err
+				}
+			}
+			out = append(out, w)
+		}
 	}
-	out, err := json.Marshal(mounts)
+	data, err := json.Marshal(out)
 	if err != nil {
 		return fmt.Errorf("encode mounts: %w", err)
 	}
-	doc["mounts"] = out
+	doc["mounts"] = data
 	return nil
 }

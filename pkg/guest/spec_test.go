@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/boxlite/boxlite/pkg/agent/api"
 )
 
 const hostSpec = `{
@@ -217,5 +219,31 @@ func TestRewriteSpecJoinsThePodsNamespaces(t *testing.T) {
 	_, _, err = rewriteSpec([]byte(member), specEdit{rootPath: "/r", joins: map[string]string{"pid": "/proc/7/ns/pid"}})
 	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "pid namespace") {
 		t.Errorf("joining an unshared pid namespace: %v; want invalid argument naming it", err)
+	}
+}
+
+// The host's submounts under an "ro" (not "rro") volume stay writable, as
+// with runc: the guest's 9p view has no submounts, so each is bound again
+// writable right after the read-only bind.
+func TestRewriteSpecBindsWritableSubmountsAfterAReadOnlyVolume(t *testing.T) {
+	const spec = `{"process": {"args": ["sh"]}, "root": {"path": "rootfs"}, "mounts": [
+		{"destination": "/mnt", "type": "bind", "source": "/host/vol", "options": ["rbind", "ro"]},
+		{"destination": "/proc", "type": "proc", "source": "proc"}]}`
+	_, got, err := rewriteSpec([]byte(spec), specEdit{rootPath: "/r",
+		sources:  map[int]string{0: "/share/c/x/m0"},
+		writable: map[int][]string{0: {"tmpfs", "a/b"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dsts []string
+	for _, m := range got.Mounts {
+		dsts = append(dsts, m.Destination+" "+m.Source+" "+strings.Join(m.Options, ","))
+	}
+	want := []string{"/mnt /share/c/x/m0 rbind,ro", "/mnt/tmpfs /share/c/x/m0/tmpfs rbind,rw", "/mnt/a/b /share/c/x/m0/a/b rbind,rw", "/proc proc "}
+	if strings.Join(dsts, "|") != strings.Join(want, "|") {
+		t.Errorf("mounts\n%q\nwant\n%q", dsts, want)
+	}
+	if _, err := writableSubpaths([]*api.SharedMount{{Index: 0, Path: "m0", Writable: []string{"../escape"}}}); !errdefs.IsInvalidArgument(err) {
+		t.Errorf("a writable subpath outside the mount: %v; want invalid argument", err)
 	}
 }

@@ -112,11 +112,14 @@ func TestAddRecursiveBindsSubmounts(t *testing.T) {
 		name      string
 		recursive bool
 		readOnly  bool
+		// rro makes the submounts read-only too.
+		rro bool
 	}{
-		{"bind", false, false},
-		{"rbind", true, false},
-		{"read-only bind", false, true},
-		{"read-only rbind", true, true},
+		{"bind", false, false, false},
+		{"rbind", true, false, false},
+		{"read-only bind", false, true, false},
+		{"read-only rbind", true, true, false},
+		{"recursively read-only rbind", true, true, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -126,7 +129,7 @@ func TestAddRecursiveBindsSubmounts(t *testing.T) {
 			mountTmpfs(t, filepath.Join(src, "sub"), false)
 			writeFiles(t, src, map[string]string{"sub/inner.txt": "inner"})
 			s := newShare(t, root)
-			b := Bind{Source: src, Path: "vol", Recursive: tt.recursive, ReadOnly: tt.readOnly}
+			b := Bind{Source: src, Path: "vol", Recursive: tt.recursive, ReadOnly: tt.readOnly, RecursiveReadOnly: tt.rro}
 			if err := s.Add(b); err != nil {
 				t.Fatalf("Add(%+v): %v", b, err)
 			}
@@ -143,11 +146,14 @@ func TestAddRecursiveBindsSubmounts(t *testing.T) {
 				if !tt.recursive && p == inner {
 					continue
 				}
+				// "ro" makes the bind read-only, "rro" its submounts too,
+				// as with runc.
+				ro := tt.readOnly && (p != inner || tt.rro)
 				err := os.WriteFile(p, []byte("changed"), 0o644)
-				if tt.readOnly && !errors.Is(err, unix.EROFS) {
+				if ro && !errors.Is(err, unix.EROFS) {
 					t.Errorf("write %s through a read-only share: %v, want EROFS", p, err)
 				}
-				if !tt.readOnly && err != nil {
+				if !ro && err != nil {
 					t.Errorf("write %s through the share: %v", p, err)
 				}
 			}

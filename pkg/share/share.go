@@ -69,8 +69,13 @@ type Bind struct {
 	// Recursive binds the submounts of Source too (rbind).
 	Recursive bool
 	// ReadOnly makes the bind read-only on the host side too, so nothing
-	// that reaches the share (the guest, QEMU) can write through it.
+	// that reaches the share (the guest, QEMU) can write through it. Only
+	// the bind itself: submounts a recursive bind brings keep their own
+	// flags, as runc's "ro" leaves them.
 	ReadOnly bool
+	// RecursiveReadOnly makes the submounts read-only too (the OCI "rro"
+	// option); it implies ReadOnly.
+	RecursiveReadOnly bool
 	// Slave keeps receiving what is mounted under Source later (a slave of
 	// its peer group, for rslave and rshared volumes): the guest then sees
 	// it too. Without it the bind is private.
@@ -121,8 +126,8 @@ func (s *Share) Add(b Bind) error {
 	if err := unix.Mount("", target, "", prop|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("make the bind of %s %s: %w", src, how, err)
 	}
-	if b.ReadOnly {
-		if err := readOnly(target, b.Recursive); err != nil {
+	if b.ReadOnly || b.RecursiveReadOnly {
+		if err := readOnly(target, b.Recursive && b.RecursiveReadOnly); err != nil {
 			return fmt.Errorf("make %s read-only in the share: %w", src, err)
 		}
 	}

@@ -3,8 +3,11 @@ package shim
 import (
 	"fmt"
 	"path"
+	"path/filepath"
 	"slices"
+	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
@@ -27,10 +30,12 @@ type boxShare struct {
 // mount of its spec into the share: under dir (c/<id>) the rootfs as
 // "rootfs" and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts, mqueue,
 // cgroup...) are made in the guest and need nothing from the host, and so
-// is a pod's /dev/shm (the mounts listed in skip). A bind
-// mount is recursive on the host side when its options say rbind, and
-// read-only there too when they say ro, so even QEMU cannot write through
-// it.
+// is a pod's /dev/shm (the mounts listed in skip). A bind mount is
+// recursive on the host side when its options say rbind, and read-only
+// there too when they say ro (its submounts too with rro), so even QEMU
+// cannot write through it. The guest sees a recursive bind as one 9p
+// tree, so the submounts of an "ro" (not "rro") bind, which stay
+// writable as with runc, are listed for the guest to bind writable again.
 func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip []uint32) (*boxShare, error) {
 	out := &boxShare{rootfs: path.Join(dir, "rootfs")}
 	if err := sh.Add(share.Bind{Source: rootfs, Path: out.rootfs, Recursive: true}); err != nil {
@@ -41,11 +46,13 @@ func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip 
 			continue
 		}
 		p := path.Join(dir, fmt.Sprintf("m%d", i))
+		rro := slices.Contains(m.Options, "rro")
 		b := share.Bind{
-			Source:    m.Source,
-			Path:      p,
-			Recursive: slices.Contains(m.Options, "rbind"),
-			ReadOnly:  readOnly(m.Options),
+			Source:            m.Source,
+			Path:              p,
+			Recursive:         slices.Contains(m.Options, "rbind"),
+			ReadOnly:          readOnly(m.Options),
+			RecursiveReadOnly: rro,
 			// Mounts made on the host under an rslave or rshared volume
 			// reach the guest (the other way round 9p cannot go).
 			Slave: slices.ContainsFunc(m.Options, func(o string) bool {
@@ -55,7 +62,15 @@ func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip 
 		if err := sh.Add(b); err != nil {
 			return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
 		}
-		out.mounts = append(out.mounts, &api.SharedMount{Index: uint32(i), Path: p})
+		sm := &api.SharedMount{Index: uint32(i), Path: p}
+		if b.Recursive && b.ReadOnly && !rro {
+			subs, err := submounts(m.Source)
+			if err != nil {
+				return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
+			}
+			sm.Writable = subs
+		}
+		out.mounts = append(out.mounts, sm)
 	}
 	return out, nil
 }
@@ -78,4 +93,27 @@ func readOnly(options []string) bool {
 		}
 	}
 	return ro
+}
+
+// submounts lists the mount points strictly under the host path source,
+// relative to it, outermost first.
+func submounts(source string) ([]string, error) {
+	src, err := filepath.EvalSymlinks(source)
+	if err != nil {
+		return nil, err
+	}
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(src))
+	if err != nil {
+		return nil, fmt.Errorf("submounts of %s: %w", source, err)
+	}
+	var out []string
+	for _, mi := range infos {
+		rel, err := filepath.Rel(src, mi.Mountpoint)
+		if err != nil || rel == "." || !filepath.IsLocal(rel) || slices.Contains(out, rel) {
+			continue
+		}
+		out = append(out, rel)
+	}
+	slices.SortStableFunc(out, func(a, b string) int { return strings.Count(a, "/") - strings.Count(b, "/") })
+	return out, nil
 }

@@ -111,8 +111,9 @@ func writeFile(t *testing.T, path, content string) {
 
 // Only bind mounts are shared, each at c/<id>/m<index> with the index of
 // its spec entry; rbind reaches submounts and bind does not; ro is
-// read-only on the host side too (recursively), and the last of ro and rw
-// wins.
+// read-only on the host side too (the submounts too only with rro; without
+// it they are listed for the guest to bind writable), and the last of ro
+// and rw wins.
 func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	root := mountRoot(t)
 	rootfs, data, vol := filepath.Join(root, "rootfs"), filepath.Join(root, "data"), filepath.Join(root, "vol")
@@ -135,6 +136,7 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 		{Destination: "/etc/hosts", Type: "bind", Source: hosts, Options: []string{"ro", "rw"}},
 		{Destination: "/dev/pts", Type: "devpts", Source: "devpts"},
 		{Destination: "/conf", Source: conf, Options: []string{"bind", "ro"}},
+		{Destination: "/rro", Type: "bind", Source: vol, Options: []string{"rbind", "rro"}},
 	}}
 	got, err := shareContainer(sh, shareDir("box1"), rootfs, spec, nil)
 	if err != nil {
@@ -145,9 +147,10 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	}
 	want := []*api.SharedMount{
 		{Index: 3, Path: "c/box1/m3"},
-		{Index: 4, Path: "c/box1/m4"},
+		{Index: 4, Path: "c/box1/m4", Writable: []string{"sub"}},
 		{Index: 5, Path: "c/box1/m5"},
 		{Index: 7, Path: "c/box1/m7"},
+		{Index: 8, Path: "c/box1/m8"},
 	}
 	if !slices.EqualFunc(got.mounts, want, func(a, b *api.SharedMount) bool { return proto.Equal(a, b) }) {
 		t.Errorf("shared mounts = %v, want %v", got.mounts, want)
@@ -173,8 +176,10 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	for path, ro := range map[string]bool{
 		"c/box1/m3/new":     false,
 		"c/box1/m4/new":     true,
-		"c/box1/m4/sub/new": true, // read-only recursively
+		"c/box1/m4/sub/new": false, // ro, not rro: as with runc
 		"c/box1/m7/new":     true,
+		"c/box1/m8/new":     true,
+		"c/box1/m8/sub/new": true, // rro: read-only recursively
 	} {
 		err := os.WriteFile(in(path), []byte("x"), 0o644)
 		if ro && !errors.Is(err, unix.EROFS) {
@@ -196,7 +201,7 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	}
 	mps := mountpoints(t, sh.Dir())
 	for path, ro := range map[string]bool{"c/box1/rootfs": false, "c/box1/m3": false, "c/box1/m4": true,
-		"c/box1/m4/sub": true, "c/box1/m5": false, "c/box1/m7": true} {
+		"c/box1/m4/sub": false, "c/box1/m5": false, "c/box1/m7": true, "c/box1/m8/sub": true} {
 		opts, ok := mps[in(path)]
 		if !ok {
 			t.Errorf("nothing mounted at %s", path)

@@ -490,7 +490,12 @@ type SharedMount struct {
 	// index of the mount in spec.mounts.
 	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
 	// path of the mount's source inside the share (relative, no "..").
-	Path          string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	Path string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	// writable lists, relative to the source, the host's submounts under a
+	// recursive bind that is read-only but not recursively so ("ro"
+	// without "rro"): they keep their own flags, as with runc, so the agent
+	// binds each writable over the read-only view the 9p share gives.
+	Writable      []string `protobuf:"bytes,3,rep,name=writable,proto3" json:"writable,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -537,6 +542,13 @@ func (x *SharedMount) GetPath() string {
 		return x.Path
 	}
 	return ""
+}
+
+func (x *SharedMount) GetWritable() []string {
+	if x != nil {
+		return x.Writable
+	}
+	return nil
 }
 
 type ConfigureNetworkRequest struct {
@@ -2153,10 +2165,11 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"sandbox_id\x18\a \x01(\tR\tsandboxId\x12'\n" +
 	"\x0fjoin_namespaces\x18\b \x03(\tR\x0ejoinNamespaces\x12$\n" +
-	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"7\n" +
+	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"S\n" +
 	"\vSharedMount\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\xd1\x01\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1a\n" +
+	"\bwritable\x18\x03 \x03(\tR\bwritable\"\xd1\x01\n" +
 	"\x17ConfigureNetworkRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\n" +
