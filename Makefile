@@ -63,7 +63,7 @@ unit: ## Run the unit tests (with -race).
 	$(GO) test -race -count=1 ./pkg/... ./internal/... ./cmd/...
 
 .PHONY: integration
-integration: build ## Run the integration tests (boot real microVMs).
+integration: build critest ## Run the integration tests (boot real microVMs).
 	$(GO) test -count=1 -timeout 40m -v ./integration/...
 
 .PHONY: test
@@ -122,3 +122,8 @@ nerdctl: ## Build nerdctl (v2.2.2) for the tests, cached in /var/cache/boxlite/n
 .PHONY: oci-image
 oci-image: ## Build the offline busybox OCI image tarball, cached in /var/cache/boxlite/images.
 	@bash scripts/oci-image.sh
+
+.PHONY: critest
+critest: ## Build critest, crictl, ginkgo (cri-tools v1.37.0) and critest's offline test images, cached in /var/cache/boxlite/critest.
+	@bash scripts/build-critest.sh
+	@bash scripts/critest-images.sh

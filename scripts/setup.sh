@@ -14,6 +14,10 @@ PACKAGES=(
 	# networking: CNI plugins (bridge, host-local, portmap) for nerdctl and
 	# CRI, iptables for the bridge and portmap plugins, iperf3 for make bench
 	containernetworking-plugins iptables iperf3
+	# critest's images want Debian's dynamically linked busybox, which
+	# conflicts with busybox-static: scripts/critest-images.sh fetches it
+	# with apt-get download instead of installing it (dpkg-deb, ldd). The
+	# critest harness runs nsenter and critest runs ipcmk (util-linux).
 )
 
 missing=()

@@ -24,6 +24,68 @@ type layer struct {
 	gz []byte
 	// diffID is the sha256 of the uncompressed tar, as "sha256:<hex>".
 	diffID string
+	// createdBy describes the layer in the image's history.
+	createdBy string
+}
+
+// layerBuilder writes a layer's tar stream: every entry owned by uid/gid
+// numbers only, dated epoch, in PAX format, so the layer is reproducible.
+type layerBuilder struct {
+	raw bytes.Buffer
+	tw  *tar.Writer
+}
+
+func newLayerBuilder() *layerBuilder {
+	b := &layerBuilder{}
+	b.tw = tar.NewWriter(&b.raw)
+	return b
+}
+
+// add writes one entry and its data.
+func (b *layerBuilder) add(h *tar.Header, data []byte) error {
+	h.ModTime, h.Format = epoch, tar.FormatPAX
+	h.Uname, h.Gname = "", ""
+	if err := b.tw.WriteHeader(h); err != nil {
+		return err
+	}
+	_, err := b.tw.Write(data)
+	return err
+}
+
+// dir adds a directory; name ends with a slash.
+func (b *layerBuilder) dir(name string, mode int64, uid, gid int) error {
+	return b.add(&tar.Header{Typeflag: tar.TypeDir, Name: name, Mode: mode, Uid: uid, Gid: gid}, nil)
+}
+
+// file adds a regular file owned by root.
+func (b *layerBuilder) file(name string, mode int64, data []byte) error {
+	return b.add(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: int64(len(data))}, data)
+}
+
+// link adds a hard link to target, an earlier entry of the layer. Its mode
+// must be the target's: unpacking applies a link entry's mode to the file.
+func (b *layerBuilder) link(name, target string, mode int64) error {
+	return b.add(&tar.Header{Typeflag: tar.TypeLink, Name: name, Linkname: target, Mode: mode}, nil)
+}
+
+// finish closes the tar stream and compresses it.
+func (b *layerBuilder) finish(createdBy string) (layer, error) {
+	if err := b.tw.Close(); err != nil {
+		return layer{}, err
+	}
+	var gz bytes.Buffer
+	// A zero gzip header (no name, no mtime) keeps the blob reproducible.
+	zw, err := gzip.NewWriterLevel(&gz, gzip.BestCompression)
+	if err != nil {
+		return layer{}, err
+	}
+	if _, err := zw.Write(b.raw.Bytes()); err != nil {
+		return layer{}, err
+	}
+	if err := zw.Close(); err != nil {
+		return layer{}, err
+	}
+	return layer{gz: gz.Bytes(), diffID: fmt.Sprintf("sha256:%x", sha256.Sum256(b.raw.Bytes())), createdBy: createdBy}, nil
 }
 
 // passwd and group are the image's users: root, an unprivileged user with a
@@ -50,17 +112,7 @@ func busyboxLayer(path string) (layer, error) {
 	if err != nil {
 		return layer{}, err
 	}
-	var raw bytes.Buffer
-	tw := tar.NewWriter(&raw)
-	add := func(h *tar.Header, data []byte) error {
-		h.ModTime, h.Format = epoch, tar.FormatPAX
-		h.Uname, h.Gname = "", ""
-		if err := tw.WriteHeader(h); err != nil {
-			return err
-		}
-		_, err := tw.Write(data)
-		return err
-	}
+	b := newLayerBuilder()
 	dirs := []struct {
 		name     string
 		mode     int64
@@ -73,39 +125,24 @@ func busyboxLayer(path string) (layer, error) {
 		{"var/", 0o755, 0, 0}, {"var/tmp/", 0o1777, 0, 0},
 	}
 	for _, d := range dirs {
-		if err := add(&tar.Header{Typeflag: tar.TypeDir, Name: d.name, Mode: d.mode, Uid: d.uid, Gid: d.gid}, nil); err != nil {
+		if err := b.dir(d.name, d.mode, d.uid, d.gid); err != nil {
 			return layer{}, err
 		}
 	}
-	if err := add(&tar.Header{Typeflag: tar.TypeReg, Name: "bin/busybox", Mode: 0o755, Size: int64(len(bb))}, bb); err != nil {
+	if err := b.file("bin/busybox", 0o755, bb); err != nil {
 		return layer{}, err
 	}
 	for _, a := range applets {
-		if err := add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + a, Linkname: "busybox", Mode: 0o777}, nil); err != nil {
+		if err := b.add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "bin/" + a, Linkname: "busybox", Mode: 0o777}, nil); err != nil {
 			return layer{}, err
 		}
 	}
 	for _, f := range []struct{ name, data string }{{"etc/passwd", passwd}, {"etc/group", group}} {
-		if err := add(&tar.Header{Typeflag: tar.TypeReg, Name: f.name, Mode: 0o644, Size: int64(len(f.data))}, []byte(f.data)); err != nil {
+		if err := b.file(f.name, 0o644, []byte(f.data)); err != nil {
 			return layer{}, err
 		}
 	}
-	if err := tw.Close(); err != nil {
-		return layer{}, err
-	}
-	var gz bytes.Buffer
-	// A zero gzip header (no name, no mtime) keeps the blob reproducible.
-	zw, err := gzip.NewWriterLevel(&gz, gzip.BestCompression)
-	if err != nil {
-		return layer{}, err
-	}
-	if _, err := zw.Write(raw.Bytes()); err != nil {
-		return layer{}, err
-	}
-	if err := zw.Close(); err != nil {
-		return layer{}, err
-	}
-	return layer{gz: gz.Bytes(), diffID: fmt.Sprintf("sha256:%x", sha256.Sum256(raw.Bytes()))}, nil
+	return b.finish("busybox-static")
 }
 
 // checkStatic fails unless path is an ELF executable without an interpreter.

@@ -48,26 +48,48 @@ func (w *layoutWriter) file(name string, data []byte) error {
 	return err
 }
 
-// writeLayout writes the layout: the shared layer, then per image its config
-// and manifest, then index.json naming them and the oci-layout marker.
-func writeLayout(out io.Writer, l layer, images []imageFlag) error {
+// image is one image of a layout.
+type image struct {
+	// names are the full references the image is imported under; each
+	// gets its own index entry pointing at the one manifest.
+	names []string
+	// config is the image's runtime configuration.
+	config ocispec.ImageConfig
+	// layers are the image's layers, bottom first; layers shared by
+	// several images are written once.
+	layers []layer
+}
+
+// busyboxImage is the image of one -image flag: the shared busybox layer
+// and the flag's Cmd.
+func busyboxImage(img imageFlag, l layer) image {
+	return image{
+		names:  []string{img.name},
+		config: ocispec.ImageConfig{Env: []string{defaultPath}, Cmd: img.cmd, WorkingDir: "/"},
+		layers: []layer{l},
+	}
+}
+
+// writeLayout writes the layout: per image its layers, config and manifest,
+// then index.json naming them and the oci-layout marker.
+func writeLayout(out io.Writer, images []image) error {
 	w := &layoutWriter{tw: tar.NewWriter(out), written: map[digest.Digest]bool{}}
 	for _, d := range []string{"blobs/", "blobs/sha256/"} {
 		if err := w.tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d, Mode: 0o755, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
 			return err
 		}
 	}
-	layerDesc, err := w.blob(ocispec.MediaTypeImageLayerGzip, l.gz)
-	if err != nil {
-		return err
-	}
 	index := ocispec.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageIndex}
 	for _, img := range images {
-		desc, err := w.image(img, l, layerDesc)
+		desc, err := w.image(img)
 		if err != nil {
-			return fmt.Errorf("image %s: %w", img.name, err)
+			return fmt.Errorf("image %s: %w", img.names[0], err)
 		}
-		index.Manifests = append(index.Manifests, desc)
+		for _, name := range img.names {
+			named := desc
+			named.Annotations = map[string]string{refNameAnnotation: name, ocispec.AnnotationRefName: tagOf(name)}
+			index.Manifests = append(index.Manifests, named)
+		}
 	}
 	if err := w.json("index.json", index); err != nil {
 		return err
@@ -78,16 +100,25 @@ func writeLayout(out io.Writer, l layer, images []imageFlag) error {
 	return w.tw.Close()
 }
 
-// image writes one image's config and manifest and returns the manifest's
-// descriptor, annotated with the image's name and platform.
-func (w *layoutWriter) image(img imageFlag, l layer, layerDesc ocispec.Descriptor) (ocispec.Descriptor, error) {
+// image writes one image's layers, config and manifest and returns the
+// manifest's descriptor, with the image's platform.
+func (w *layoutWriter) image(img image) (ocispec.Descriptor, error) {
 	created := epoch
 	cfg := ocispec.Image{
 		Created:  &created,
 		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
-		Config:   ocispec.ImageConfig{Env: []string{defaultPath}, Cmd: img.cmd, WorkingDir: "/"},
-		RootFS:   ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.Digest(l.diffID)}},
-		History:  []ocispec.History{{Created: &created, CreatedBy: "boxlite-mkimage: busybox-static"}},
+		Config:   img.config,
+		RootFS:   ocispec.RootFS{Type: "layers"},
+	}
+	var layerDescs []ocispec.Descriptor
+	for _, l := range img.layers {
+		desc, err := w.blob(ocispec.MediaTypeImageLayerGzip, l.gz)
+		if err != nil {
+			return ocispec.Descriptor{}, err
+		}
+		layerDescs = append(layerDescs, desc)
+		cfg.RootFS.DiffIDs = append(cfg.RootFS.DiffIDs, digest.Digest(l.diffID))
+		cfg.History = append(cfg.History, ocispec.History{Created: &created, CreatedBy: "boxlite-mkimage: " + l.createdBy})
 	}
 	cfgData, err := json.Marshal(cfg)
 	if err != nil {
@@ -99,7 +130,7 @@ func (w *layoutWriter) image(img imageFlag, l layer, layerDesc ocispec.Descripto
 	}
 	m := ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: ocispec.MediaTypeImageManifest,
-		Config: cfgDesc, Layers: []ocispec.Descriptor{layerDesc},
+		Config: cfgDesc, Layers: layerDescs,
 	}
 	mData, err := json.Marshal(m)
 	if err != nil {
@@ -110,7 +141,6 @@ func (w *layoutWriter) image(img imageFlag, l layer, layerDesc ocispec.Descripto
 		return ocispec.Descriptor{}, err
 	}
 	desc.Platform = &ocispec.Platform{Architecture: "amd64", OS: "linux"}
-	desc.Annotations = map[string]string{refNameAnnotation: img.name, ocispec.AnnotationRefName: tagOf(img.name)}
 	return desc, nil
 }
 

@@ -14,6 +14,13 @@
 //	boxlite-mkimage -o OUT.tar -image 'docker.io/boxlite/busybox:test=["sh"]' [-image 'NAME=' ...]
 //
 // The part after '=' is the image's Cmd as a JSON array; empty means no Cmd.
+//
+// With -critest it writes instead the images cri-tools' CRI validation
+// suite (critest) pulls or runs, under their upstream names, built from a
+// dynamically linked busybox and the boxlite-standin program (see
+// critest.go):
+//
+//	boxlite-mkimage -o OUT.tar -critest -busybox DYNAMIC_BUSYBOX -standin BOXLITE_STANDIN
 package main
 
 import (
@@ -65,26 +72,39 @@ func main() {
 func run(args []string) error {
 	fs := flag.NewFlagSet("boxlite-mkimage", flag.ContinueOnError)
 	out := fs.String("o", "", "output OCI image-layout tarball")
-	busybox := fs.String("busybox", "/bin/busybox", "static busybox binary to put in /bin")
-	var images imageFlags
-	fs.Var(&images, "image", `an image to write as NAME=CMD (CMD a JSON array, or empty for none); repeatable`)
+	busybox := fs.String("busybox", "/bin/busybox", "busybox binary to put in /bin (static; dynamic with -critest)")
+	critest := fs.Bool("critest", false, "write critest's test images instead of -image ones")
+	standin := fs.String("standin", "", "with -critest: the static boxlite-standin binary")
+	var flags imageFlags
+	fs.Var(&flags, "image", `an image to write as NAME=CMD (CMD a JSON array, or empty for none); repeatable`)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *out == "" || len(images) == 0 || fs.NArg() != 0 {
+	if *out == "" || fs.NArg() != 0 || *critest == (len(flags) > 0) || *critest != (*standin != "") {
 		fs.Usage()
-		return errors.New("need -o and at least one -image")
+		return errors.New("need -o and either -image flags, or -critest and -standin")
 	}
-	layer, err := busyboxLayer(*busybox)
-	if err != nil {
-		return err
+	var images []image
+	if *critest {
+		var err error
+		if images, err = critestImages(*busybox, *standin); err != nil {
+			return err
+		}
+	} else {
+		layer, err := busyboxLayer(*busybox)
+		if err != nil {
+			return err
+		}
+		for _, f := range flags {
+			images = append(images, busyboxImage(f, layer))
+		}
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(*out), ".mkimage-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(tmp.Name())
-	if err := writeLayout(tmp, layer, images); err != nil {
+	if err := writeLayout(tmp, images); err != nil {
 		tmp.Close()
 		return err
 	}
