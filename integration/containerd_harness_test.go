@@ -136,13 +136,22 @@ type containerd struct {
 	// netnsPath, if set, is the network namespace the daemon (and so its
 	// shims, their VMMs and the hooks they run) is started in.
 	netnsPath string
+	// criConfig, if set, enables the CRI plugins; what it returns for the
+	// daemon's directory is appended to the config (their sections).
+	criConfig func(dir string) string
+	// cloneflags are namespaces the daemon gets new ones of
+	// (syscall.CLONE_NEW*).
+	cloneflags uintptr
 
-	// mu guards proc and client.
+	// mu guards proc, client and criIDs.
 	mu sync.Mutex
 	// proc is the running daemon, nil while stopped. Guarded by mu.
 	proc *reaper.Process
 	// client is a Go client connected to the daemon. Guarded by mu.
 	client *client.Client
+	// criIDs are the containers (pause containers included) made through
+	// CRI, in criNamespace, for the shim state check. Guarded by mu.
+	criIDs []string
 
 	// ids are the container ids the test used, for the state-dir check.
 	ids []string
@@ -156,6 +165,21 @@ type containerdOption func(*containerd)
 // their VMMs and the OCI hooks they run inherit it.
 func inNetNS(path string) containerdOption {
 	return func(c *containerd) { c.netnsPath = path }
+}
+
+// withCRI enables containerd's CRI plugins (the CRI service, its image and
+// runtime services, the pod sandbox controller) and NRI, and
+// appends config(dir), TOML for their sections with paths under the
+// daemon's directory, to the daemon's config.
+func withCRI(config func(dir string) string) containerdOption {
+	return func(c *containerd) { c.criConfig = config }
+}
+
+// inNewIPCNamespace starts the daemon in an IPC namespace of its own: its
+// shims and host-IPC containers share it, and System V objects made in it
+// go with its last process.
+func inNewIPCNamespace() containerdOption {
+	return func(c *containerd) { c.cloneflags |= syscall.CLONE_NEWIPC }
 }
 
 // startContainerd starts a private containerd, imports the test images and
@@ -181,7 +205,10 @@ func startContainerd(t testing.TB, opts ...containerdOption) *containerd {
 	for _, o := range opts {
 		o(c)
 	}
-	config := containerdConfig(dir)
+	config := containerdConfig(dir, c.criConfig != nil)
+	if c.criConfig != nil {
+		config += c.criConfig(dir)
+	}
 	if os.Getenv("BOXLITE_CONTAINERD_DEBUG") != "" {
 		// Shims log at debug level too: containerd passes its level on.
 		config += "\n[debug]\n  level = \"debug\"\n"
@@ -202,20 +229,30 @@ func startContainerd(t testing.TB, opts ...containerdOption) *containerd {
 	return c
 }
 
+// criPlugins are the plugins CRI needs, and NRI, which CRI drives: off
+// unless withCRI.
+var criPlugins = []string{
+	"io.containerd.grpc.v1.cri",
+	"io.containerd.cri.v1.images",
+	"io.containerd.cri.v1.runtime",
+	"io.containerd.podsandbox.controller.v1.podsandbox",
+	"io.containerd.nri.v1.nri",
+}
+
 // containerdConfig is the daemon's config (version 4, containerd 2.4): no
-// imports, CRI and unused snapshotters off, every path under dir.
-func containerdConfig(dir string) string {
+// imports, unused snapshotters off, CRI and NRI off unless cri, every path
+// under dir.
+func containerdConfig(dir string, cri bool) string {
+	disabled := ""
+	if !cri {
+		disabled = "  \"" + strings.Join(criPlugins, "\",\n  \"") + "\",\n"
+	}
 	return fmt.Sprintf(`version = 4
 root = %[1]q
 state = %[2]q
 imports = []
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.cri.v1.images",
-  "io.containerd.cri.v1.runtime",
-  "io.containerd.podsandbox.controller.v1.podsandbox",
-  "io.containerd.nri.v1.nri",
-  "io.containerd.snapshotter.v1.btrfs",
+%[6]s  "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.blockfile",
@@ -241,7 +278,7 @@ disabled_plugins = [
 [plugins.'io.containerd.shim.v1.manager']
   socket_dir = %[5]q
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), filepath.Join(dir, "c.sock"),
-		filepath.Join(dir, "c.sock.ttrpc"), filepath.Join(dir, "s"))
+		filepath.Join(dir, "c.sock.ttrpc"), filepath.Join(dir, "s"), disabled)
 }
 
 // start starts the daemon and waits until it answers.
@@ -258,6 +295,9 @@ func (c *containerd) start(t testing.TB) {
 	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(repoRoot, "bin")+":"+c.bin+":"+os.Getenv("PATH"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = c.dir
+	if c.cloneflags != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: c.cloneflags}
+	}
 	p, err := startInNetNS(c.netnsPath, cmd)
 	if err != nil {
 		t.Fatalf("start containerd: %v", err)

@@ -96,15 +96,12 @@ func (c *containerd) strays() []procInfo {
 		add(p)
 	}
 	// QEMU names its box's share, in the shim's state directory.
-	var stateDirs []string
-	for _, id := range c.ids {
-		stateDirs = append(stateDirs, shimStateDir(testNamespace, id))
-	}
+	stateDirs := c.shimStateDirs()
 	for _, p := range ps {
 		if strings.Contains(p.cmdline, c.dir) {
 			add(p)
 		}
-		for _, d := range stateDirs {
+		for d := range stateDirs {
 			if strings.Contains(p.cmdline, d+"/") {
 				add(p)
 			}
@@ -179,12 +176,28 @@ func (c *containerd) assertNoLeaks(t testing.TB) {
 			}
 		}
 	}
-	for _, id := range c.ids {
-		if d := shimStateDir(testNamespace, id); dirExists(d) {
-			t.Errorf("leak: shim state directory %s of %s left (removed now)", d, id)
+	for d, of := range c.shimStateDirs() {
+		if dirExists(d) {
+			t.Errorf("leak: shim state directory %s of %s left (removed now)", d, of)
 			os.RemoveAll(d)
 		}
 	}
+}
+
+// shimStateDirs maps the shim state directory of every container the test
+// used (through ctr or the Go client, and through CRI) to its
+// "namespace/id".
+func (c *containerd) shimStateDirs() map[string]string {
+	dirs := map[string]string{}
+	for _, id := range c.ids {
+		dirs[shimStateDir(testNamespace, id)] = testNamespace + "/" + id
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, id := range c.criIDs {
+		dirs[shimStateDir(criNamespace, id)] = criNamespace + "/" + id
+	}
+	return dirs
 }
 
 // shimStateDir mirrors pkg/shim's boxStateDir.
