@@ -145,6 +145,14 @@ func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, writab
 			if err := setField(m, "source", src); err != nil {
 				return err
 			}
+			// The 9p tree has no submounts in the guest: "rro" is "ro"
+			// here, and the host made the submounts read-only.
+			if i := slices.Index(opts, "rro"); i >= 0 {
+				opts[i] = "ro"
+				if err := setField(m, "options", opts); err != nil {
+					return err
+				}
+			}
 		}
 		out = append(out, m)
 		for _, sub := range writable[i] {

@@ -18,6 +18,9 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 
 	"github.com/boxlite/boxlite/pkg/reaper"
 	"github.com/boxlite/boxlite/pkg/share"
@@ -190,9 +193,40 @@ func (m manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	return shim.StopStatus{Pid: vm.Pid, ExitStatus: exitStatusVMDied, ExitedAt: time.Now()}, nil
 }
 
-// Info describes the runtime.
+// Info describes the runtime and what it supports, as the runc shim's does
+// from `runc features`: containerd's CRI reads the mount options from it
+// (recursive read-only mounts are offered to pods only when "rro" is
+// there).
 func (m manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
-	return &types.RuntimeInfo{Name: m.name}, nil
+	f, err := typeurl.MarshalAnyToProto(runtimeFeatures())
+	if err != nil {
+		return nil, err
+	}
+	return &types.RuntimeInfo{Name: m.name, Features: f}, nil
+}
+
+// runtimeFeatures is what a box honours of the OCI runtime spec. The mount
+// options are those the guest's runtime applies plus what the share does
+// on the host: rro reaches the host's submounts through the share, and
+// the propagation options are accepted (rslave's host-to-guest half works;
+// see docs/design.md). Hooks are the ones run on the host; user namespace
+// mappings of mounts (idmap) are not offered.
+func runtimeFeatures() *features.Features {
+	return &features.Features{
+		OCIVersionMin: "1.0.0",
+		OCIVersionMax: specs.Version,
+		Hooks:         []string{hookPrestart, hookCreateRuntime, hookPoststart, hookPoststop},
+		MountOptions: []string{
+			"async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "iversion",
+			"lazytime", "loud", "mand", "noatime", "nodev", "nodiratime", "noexec", "noiversion",
+			"nolazytime", "nomand", "norelatime", "nostrictatime", "nosuid", "private", "rbind",
+			"relatime", "remount", "ro", "rprivate", "rro", "rshared", "rslave", "runbindable",
+			"rw", "shared", "silent", "slave", "strictatime", "suid", "sync", "unbindable",
+		},
+		Linux: &features.Linux{
+			Namespaces: []string{"cgroup", "ipc", "mount", "network", "pid", "uts"},
+		},
+	}
 }
 
 // dirExists says path is a directory.

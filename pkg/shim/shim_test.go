@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/opencontainers/runtime-spec/specs-go/features"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/boxlite/boxlite/pkg/health"
@@ -342,4 +344,21 @@ func optionsBody(t *testing.T, b string) *anypb.Any {
 		t.Fatal(err)
 	}
 	return a
+}
+
+// containerd's CRI offers recursive read-only mounts to a runtime whose
+// Info lists "rro" among its features' mount options.
+func TestInfoAdvertisesTheFeatures(t *testing.T) {
+	info, err := NewManager("io.containerd.boxlite.v1").Info(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := typeurl.UnmarshalAny(info.Features)
+	if err != nil {
+		t.Fatalf("features do not decode: %v", err)
+	}
+	f, ok := v.(*features.Features)
+	if !ok || !slices.Contains(f.MountOptions, "rro") || !slices.Contains(f.Hooks, hookCreateRuntime) {
+		t.Fatalf("features %+v; want rro and the host-run hooks", v)
+	}
 }
