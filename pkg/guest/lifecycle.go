@@ -126,7 +126,7 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 	if err != nil {
 		return 0, 0, err
 	}
-	writable, err := writableSubpaths(req.GetSharedMounts())
+	submounts, err := sharedSubmounts(share, req.GetSharedMounts())
 	if err != nil {
 		return 0, 0, err
 	}
@@ -146,7 +146,7 @@ func (a *Agent) prepareBundle(c *container, req *api.CreateContainerRequest, und
 		cgroupsPath: c.cgroup,
 		terminal:    req.GetStdio().GetTerminal(),
 		sources:     sources,
-		writable:    writable,
+		submounts:   submounts,
 		joins:       pod.joins,
 	})
 	if err != nil {

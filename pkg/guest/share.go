@@ -87,16 +87,30 @@ func isBind(typ string, options []string) bool {
 	return typ == "bind" || slices.Contains(options, "bind") || slices.Contains(options, "rbind")
 }
 
-// writableSubpaths returns, by spec mount index, the subpaths the host
-// listed as writable under a shared mount; each must be a local path.
-func writableSubpaths(mounts []*api.SharedMount) (map[int][]string, error) {
-	out := map[int][]string{}
+// guestSubmount is a host submount of a shared mount, in the guest.
+type guestSubmount struct {
+	// subpath is relative to the mount's destination.
+	subpath string
+	// source is its guest path in the share.
+	source   string
+	readOnly bool
+}
+
+// sharedSubmounts returns, by spec mount index, the host's submounts the
+// host shared under each shared mount, with their guest sources in the
+// share mounted at dir. Paths must be local.
+func sharedSubmounts(dir string, mounts []*api.SharedMount) (map[int][]guestSubmount, error) {
+	out := map[int][]guestSubmount{}
 	for _, m := range mounts {
-		for _, sub := range m.GetWritable() {
-			if !filepath.IsLocal(sub) {
-				return nil, fmt.Errorf("writable subpath %q of shared mount %d must be a relative path inside it: %w", sub, m.GetIndex(), errdefs.ErrInvalidArgument)
+		for _, sub := range m.GetSubmounts() {
+			if !filepath.IsLocal(sub.GetSubpath()) {
+				return nil, fmt.Errorf("submount %q of shared mount %d must be a relative path inside it: %w", sub.GetSubpath(), m.GetIndex(), errdefs.ErrInvalidArgument)
 			}
-			out[int(m.GetIndex())] = append(out[int(m.GetIndex())], sub)
+			src, err := sharePath(dir, fmt.Sprintf("submount %s of shared mount %d", sub.GetSubpath(), m.GetIndex()), sub.GetPath())
+			if err != nil {
+				return nil, err
+			}
+			out[int(m.GetIndex())] = append(out[int(m.GetIndex())], guestSubmount{subpath: sub.GetSubpath(), source: src, readOnly: sub.GetReadOnly()})
 		}
 	}
 	return out, nil
@@ -105,11 +119,9 @@ func writableSubpaths(mounts []*api.SharedMount) (map[int][]string, error) {
 // rewriteMounts sets the source of every bind mount in mounts (the spec's
 // "mounts" array) to its place in the share. A bind mount the host did not
 // share names a host path, which means nothing here: it is an error, as is
-// a shared index that is not a bind mount. After a mount with writable
-// subpaths, a writable bind of each follows: the 9p tree the guest sees
-// has no submounts, so a read-only bind would cover the host's submounts,
-// which runc's "ro" leaves writable.
-func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, writable map[int][]string) error {
+// a shared index that is not a bind mount. After a mount with submounts,
+// a bind of each follows at its place, read-only or not as the host says.
+func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, subs map[int][]guestSubmount) error {
 	raw, ok := doc["mounts"]
 	if !ok || string(raw) == "null" {
 		if len(shared) > 0 {
@@ -145,8 +157,8 @@ func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, writab
 			if err := setField(m, "source", src); err != nil {
 				return err
 			}
-			// The 9p tree has no submounts in the guest: "rro" is "ro"
-			// here, and the host made the submounts read-only.
+			// The host shared the submounts on their own (read-only
+			// with rro): in the guest "rro" is "ro".
 			if i := slices.Index(opts, "rro"); i >= 0 {
 				opts[i] = "ro"
 				if err := setField(m, "options", opts); err != nil {
@@ -155,13 +167,17 @@ func rewriteMounts(doc map[string]json.RawMessage, shared map[int]string, writab
 			}
 		}
 		out = append(out, m)
-		for _, sub := range writable[i] {
+		for _, sub := range subs[i] {
 			if !listed {
-				return fmt.Errorf("mount %d (%s) has writable subpaths but is not shared: %w", i, dst, errdefs.ErrInvalidArgument)
+				return fmt.Errorf("mount %d (%s) has submounts but is not shared: %w", i, dst, errdefs.ErrInvalidArgument)
+			}
+			mode := "rw"
+			if sub.readOnly {
+				mode = "ro"
 			}
 			w := map[string]json.RawMessage{}
-			for k, v := range map[string]any{"destination": filepath.Join(dst, sub), "type": "bind",
-				"source": filepath.Join(src, sub), "options": []string{"rbind", "rw"}} {
+			for k, v := range map[string]any{"destination": filepath.Join(dst, sub.subpath), "type": "bind",
+				"source": sub.source, "options": []string{"rbind", mode}} {
 				if err := setField(w, k, v); err != nil {
 					return err
 				}

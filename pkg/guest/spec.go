@@ -50,10 +50,9 @@ type specEdit struct {
 	// sources are the guest sources of the spec's bind mounts, by index in
 	// mounts: every bind mount must have one.
 	sources map[int]string
-	// writable are, by index in mounts, the subpaths of a read-only bind
-	// mount that are bound again writable after it (the host's submounts
-	// under an "ro" but not "rro" volume).
-	writable map[int][]string
+	// submounts are, by index in mounts, the host's submounts of a bind
+	// mount's source, bound at their place after it.
+	submounts map[int][]guestSubmount
 	// joins are the guest namespaces (by type, as /proc paths) that replace
 	// the host paths of the spec's namespaces of those types.
 	joins map[string]string
@@ -78,7 +77,7 @@ func rewriteSpec(data []byte, edit specEdit) ([]byte, *specs.Spec, error) {
 		return nil, nil, fmt.Errorf("spec has no process: %w", errdefs.ErrInvalidArgument)
 	}
 	delete(doc, "hooks")
-	if err := rewriteMounts(doc, edit.sources, edit.writable); err != nil {
+	if err := rewriteMounts(doc, edit.sources, edit.submounts); err != nil {
 		return nil, nil, err
 	}
 	if err := clampVersion(doc); err != nil {

@@ -222,17 +222,23 @@ func TestRewriteSpecJoinsThePodsNamespaces(t *testing.T) {
 	}
 }
 
-// The host's submounts under an "ro" (not "rro") volume stay writable, as
-// with runc: the guest's 9p view has no submounts, so each is bound again
-// writable right after the read-only bind.
-func TestRewriteSpecBindsWritableSubmountsAfterAReadOnlyVolume(t *testing.T) {
+// The host shares the submounts of an rbind volume on their own; the
+// agent binds each at its place after the volume, read-only or not as the
+// host says (runc's "ro" leaves submounts writable, "rro" does not).
+func TestRewriteSpecBindsTheSubmountsOfAVolume(t *testing.T) {
 	const spec = `{"process": {"args": ["sh"]}, "root": {"path": "rootfs"}, "mounts": [
 		{"destination": "/mnt", "type": "bind", "source": "/host/vol", "options": ["rbind", "ro"]},
 		{"destination": "/proc", "type": "proc", "source": "proc"},
 		{"destination": "/rro", "type": "bind", "source": "/host/vol", "options": ["rbind", "rro"]}]}`
+	subs, err := sharedSubmounts("/share", []*api.SharedMount{
+		{Index: 0, Path: "c/x/m0", Submounts: []*api.Submount{{Subpath: "tmpfs", Path: "c/x/m0.0"}, {Subpath: "a/b", Path: "c/x/m0.1", ReadOnly: true}}},
+		{Index: 2, Path: "c/x/m2", Submounts: []*api.Submount{{Subpath: "tmpfs", Path: "c/x/m2.0", ReadOnly: true}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	_, got, err := rewriteSpec([]byte(spec), specEdit{rootPath: "/r",
-		sources:  map[int]string{0: "/share/c/x/m0", 2: "/share/c/x/m2"},
-		writable: map[int][]string{0: {"tmpfs", "a/b"}}})
+		sources: map[int]string{0: "/share/c/x/m0", 2: "/share/c/x/m2"}, submounts: subs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,13 +246,15 @@ func TestRewriteSpecBindsWritableSubmountsAfterAReadOnlyVolume(t *testing.T) {
 	for _, m := range got.Mounts {
 		dsts = append(dsts, m.Destination+" "+m.Source+" "+strings.Join(m.Options, ","))
 	}
-	// rro is ro in the guest, whose 9p tree has no submounts (the host
-	// made them read-only).
-	want := []string{"/mnt /share/c/x/m0 rbind,ro", "/mnt/tmpfs /share/c/x/m0/tmpfs rbind,rw", "/mnt/a/b /share/c/x/m0/a/b rbind,rw", "/proc proc ", "/rro /share/c/x/m2 rbind,ro"}
+	// rro is ro in the guest: the host shared its submounts read-only.
+	want := []string{"/mnt /share/c/x/m0 rbind,ro", "/mnt/tmpfs /share/c/x/m0.0 rbind,rw", "/mnt/a/b /share/c/x/m0.1 rbind,ro",
+		"/proc proc ", "/rro /share/c/x/m2 rbind,ro", "/rro/tmpfs /share/c/x/m2.0 rbind,ro"}
 	if strings.Join(dsts, "|") != strings.Join(want, "|") {
 		t.Errorf("mounts\n%q\nwant\n%q", dsts, want)
 	}
-	if _, err := writableSubpaths([]*api.SharedMount{{Index: 0, Path: "m0", Writable: []string{"../escape"}}}); !errdefs.IsInvalidArgument(err) {
-		t.Errorf("a writable subpath outside the mount: %v; want invalid argument", err)
+	for _, bad := range []*api.Submount{{Subpath: "../escape", Path: "c/x/m0.0"}, {Subpath: "ok", Path: "../escape"}} {
+		if _, err := sharedSubmounts("/share", []*api.SharedMount{{Index: 0, Path: "m0", Submounts: []*api.Submount{bad}}}); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("submount %v: %v; want invalid argument", bad, err)
+		}
 	}
 }

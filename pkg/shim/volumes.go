@@ -28,14 +28,19 @@ type boxShare struct {
 
 // shareContainer binds a container's rootfs and the source of every bind
 // mount of its spec into the share: under dir (c/<id>) the rootfs as
-// "rootfs" and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts, mqueue,
-// cgroup...) are made in the guest and need nothing from the host, and so
-// is a pod's /dev/shm (the mounts listed in skip). A bind mount is
-// recursive on the host side when its options say rbind, and read-only
-// there too when they say ro (its submounts too with rro), so even QEMU
-// cannot write through it. The guest sees a recursive bind as one 9p
-// tree, so the submounts of an "ro" (not "rro") bind, which stay
-// writable as with runc, are listed for the guest to bind writable again.
+// "rootfs" and mount i as "m<i>". Other mounts (tmpfs, proc, sysfs, devpts,
+// mqueue, cgroup...) are made in the guest and need nothing from the host,
+// and so is a pod's /dev/shm (the mounts listed in skip). A bind mount is
+// read-only on the host side too when its options say ro, so even QEMU
+// cannot write through it.
+//
+// The submounts of an rbind's source are shared each on its own, as
+// m<i>.<k>, and the guest binds them at their place: binding the source
+// recursively would make each submount's directory a mount point in the
+// host's mount namespace, and the host could not remove it (rmdir: EBUSY)
+// while the box runs. A submount is read-only when the bind says rro (ro
+// alone leaves submounts as they are, as with runc) or when it is
+// read-only on the host.
 func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip []uint32) (*boxShare, error) {
 	out := &boxShare{rootfs: path.Join(dir, "rootfs")}
 	if err := sh.Add(share.Bind{Source: rootfs, Path: out.rootfs, Recursive: true}); err != nil {
@@ -45,34 +50,46 @@ func shareContainer(sh *share.Share, dir, rootfs string, spec *specs.Spec, skip 
 		if !isBindMount(m) || slices.Contains(skip, uint32(i)) {
 			continue
 		}
-		p := path.Join(dir, fmt.Sprintf("m%d", i))
-		rro := slices.Contains(m.Options, "rro")
-		b := share.Bind{
-			Source:            m.Source,
-			Path:              p,
-			Recursive:         slices.Contains(m.Options, "rbind"),
-			ReadOnly:          readOnly(m.Options),
-			RecursiveReadOnly: rro,
-			// Mounts made on the host under an rslave or rshared volume
-			// reach the guest (the other way round 9p cannot go).
-			Slave: slices.ContainsFunc(m.Options, func(o string) bool {
-				return o == "rslave" || o == "slave" || o == "rshared" || o == "shared"
-			}),
-		}
-		if err := sh.Add(b); err != nil {
+		sm, err := shareMount(sh, path.Join(dir, fmt.Sprintf("m%d", i)), m)
+		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
 		}
-		sm := &api.SharedMount{Index: uint32(i), Path: p}
-		if b.Recursive && b.ReadOnly && !rro {
-			subs, err := submounts(m.Source)
-			if err != nil {
-				return nil, fmt.Errorf("mount %s: %w", m.Destination, err)
-			}
-			sm.Writable = subs
-		}
+		sm.Index = uint32(i)
 		out.mounts = append(out.mounts, sm)
 	}
 	return out, nil
+}
+
+// shareMount binds the source of bind mount m at p in the share, and the
+// submounts of an rbind at p.<k>.
+func shareMount(sh *share.Share, p string, m specs.Mount) (*api.SharedMount, error) {
+	rro := slices.Contains(m.Options, "rro")
+	// Mounts made on the host under an rslave or rshared volume reach the
+	// guest (the other way round 9p cannot go).
+	slave := slices.ContainsFunc(m.Options, func(o string) bool {
+		return o == "rslave" || o == "slave" || o == "rshared" || o == "shared"
+	})
+	b := share.Bind{Source: m.Source, Path: p, ReadOnly: readOnly(m.Options) || rro, Slave: slave}
+	if err := sh.Add(b); err != nil {
+		return nil, err
+	}
+	sm := &api.SharedMount{Path: p}
+	if !slices.Contains(m.Options, "rbind") {
+		return sm, nil
+	}
+	subs, err := submounts(m.Source)
+	if err != nil {
+		return nil, err
+	}
+	for k, sub := range subs {
+		sp := fmt.Sprintf("%s.%d", p, k)
+		ro := rro || sub.readOnly
+		if err := sh.Add(share.Bind{Source: filepath.Join(m.Source, sub.path), Path: sp, ReadOnly: ro, Slave: slave}); err != nil {
+			return nil, fmt.Errorf("submount %s: %w", sub.path, err)
+		}
+		sm.Submounts = append(sm.Submounts, &api.Submount{Subpath: sub.path, Path: sp, ReadOnly: ro})
+	}
+	return sm, nil
 }
 
 // isBindMount says a spec mount is a bind mount of a host path: of type
@@ -95,9 +112,17 @@ func readOnly(options []string) bool {
 	return ro
 }
 
-// submounts lists the mount points strictly under the host path source,
-// relative to it, outermost first.
-func submounts(source string) ([]string, error) {
+// submount is a mount under a bind mount's source.
+type submount struct {
+	// path is relative to the source.
+	path string
+	// readOnly says it is mounted read-only on the host.
+	readOnly bool
+}
+
+// submounts lists the mounts strictly under the host path source, outermost
+// first.
+func submounts(source string) ([]submount, error) {
 	src, err := filepath.EvalSymlinks(source)
 	if err != nil {
 		return nil, err
@@ -106,14 +131,15 @@ func submounts(source string) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("submounts of %s: %w", source, err)
 	}
-	var out []string
+	var out []submount
 	for _, mi := range infos {
 		rel, err := filepath.Rel(src, mi.Mountpoint)
-		if err != nil || rel == "." || !filepath.IsLocal(rel) || slices.Contains(out, rel) {
+		if err != nil || rel == "." || !filepath.IsLocal(rel) ||
+			slices.ContainsFunc(out, func(s submount) bool { return s.path == rel }) {
 			continue
 		}
-		out = append(out, rel)
+		out = append(out, submount{path: rel, readOnly: slices.Contains(strings.Split(mi.Options, ","), "ro")})
 	}
-	slices.SortStableFunc(out, func(a, b string) int { return strings.Count(a, "/") - strings.Count(b, "/") })
+	slices.SortStableFunc(out, func(a, b submount) int { return strings.Count(a.path, "/") - strings.Count(b.path, "/") })
 	return out, nil
 }

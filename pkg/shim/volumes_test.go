@@ -110,10 +110,10 @@ func writeFile(t *testing.T, path, content string) {
 }
 
 // Only bind mounts are shared, each at c/<id>/m<index> with the index of
-// its spec entry; rbind reaches submounts and bind does not; ro is
-// read-only on the host side too (the submounts too only with rro; without
-// it they are listed for the guest to bind writable), and the last of ro
-// and rw wins.
+// its spec entry; an rbind's submounts are shared each on its own (at
+// m<index>.<k>, for the guest to bind at their place) and a bind's are not;
+// ro is read-only on the host side too (the submounts too only with rro),
+// and the last of ro and rw wins.
 func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	root := mountRoot(t)
 	rootfs, data, vol := filepath.Join(root, "rootfs"), filepath.Join(root, "data"), filepath.Join(root, "vol")
@@ -147,10 +147,10 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	}
 	want := []*api.SharedMount{
 		{Index: 3, Path: "c/box1/m3"},
-		{Index: 4, Path: "c/box1/m4", Writable: []string{"sub"}},
+		{Index: 4, Path: "c/box1/m4", Submounts: []*api.Submount{{Subpath: "sub", Path: "c/box1/m4.0"}}},
 		{Index: 5, Path: "c/box1/m5"},
 		{Index: 7, Path: "c/box1/m7"},
-		{Index: 8, Path: "c/box1/m8"},
+		{Index: 8, Path: "c/box1/m8", Submounts: []*api.Submount{{Subpath: "sub", Path: "c/box1/m8.0", ReadOnly: true}}},
 	}
 	if !slices.EqualFunc(got.mounts, want, func(a, b *api.SharedMount) bool { return proto.Equal(a, b) }) {
 		t.Errorf("shared mounts = %v, want %v", got.mounts, want)
@@ -161,7 +161,7 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 		"c/box1/rootfs/etc/os-release": "box",
 		"c/box1/m3/a":                  "a",
 		"c/box1/m4/v":                  "v",
-		"c/box1/m4/sub/volsub":         "volsub", // rbind: the submount is there
+		"c/box1/m4.0/volsub":           "volsub", // rbind: the submount is shared on its own
 		"c/box1/m5":                    "127.0.0.1 box\n",
 		"c/box1/m7/c":                  "c",
 	} {
@@ -174,12 +174,12 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 		t.Errorf("a plain bind reached the source's submount: %v", err)
 	}
 	for path, ro := range map[string]bool{
-		"c/box1/m3/new":     false,
-		"c/box1/m4/new":     true,
-		"c/box1/m4/sub/new": false, // ro, not rro: as with runc
-		"c/box1/m7/new":     true,
-		"c/box1/m8/new":     true,
-		"c/box1/m8/sub/new": true, // rro: read-only recursively
+		"c/box1/m3/new":   false,
+		"c/box1/m4/new":   true,
+		"c/box1/m4.0/new": false, // ro, not rro: as with runc
+		"c/box1/m7/new":   true,
+		"c/box1/m8/new":   true,
+		"c/box1/m8.0/new": true, // rro: read-only recursively
 	} {
 		err := os.WriteFile(in(path), []byte("x"), 0o644)
 		if ro && !errors.Is(err, unix.EROFS) {
@@ -201,7 +201,7 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 	}
 	mps := mountpoints(t, sh.Dir())
 	for path, ro := range map[string]bool{"c/box1/rootfs": false, "c/box1/m3": false, "c/box1/m4": true,
-		"c/box1/m4/sub": false, "c/box1/m5": false, "c/box1/m7": true, "c/box1/m8/sub": true} {
+		"c/box1/m4.0": false, "c/box1/m5": false, "c/box1/m7": true, "c/box1/m8.0": true} {
 		opts, ok := mps[in(path)]
 		if !ok {
 			t.Errorf("nothing mounted at %s", path)
@@ -211,8 +211,12 @@ func TestShareContainerSharesTheBindMounts(t *testing.T) {
 			t.Errorf("%s mounted with %v, want read-only %v", path, opts, ro)
 		}
 	}
-	if _, ok := mps[in("c/box1/m3/sub")]; ok {
-		t.Errorf("a plain bind carried the submount of its source")
+	// No source's directory is a mount point in the share: the host can
+	// remove its submounts' directories while the box runs.
+	for _, p := range []string{"c/box1/m3/sub", "c/box1/m4/sub", "c/box1/m8/sub"} {
+		if _, ok := mps[in(p)]; ok {
+			t.Errorf("%s is a mount point in the share", p)
+		}
 	}
 }
 
@@ -255,4 +259,33 @@ func TestShareContainerNamesTheMountThatFailed(t *testing.T) {
 			t.Fatalf("shareContainer() = %v; want not found naming the rootfs", err)
 		}
 	})
+}
+
+// While a box runs, the host can unmount a submount of a volume's source
+// and remove its directory, as it can while a runc container runs (critest's
+// read-only mount specs clean up that way). Verified two-sided: with the
+// volume bound recursively into the share, the submount's directory was a
+// mount point in the host's mount namespace and rmdir failed with EBUSY.
+func TestTheHostCanRemoveASubmountOfASharedVolume(t *testing.T) {
+	root := mountRoot(t)
+	rootfs, vol := filepath.Join(root, "rootfs"), filepath.Join(root, "vol")
+	writeFile(t, filepath.Join(rootfs, "etc/os-release"), "box")
+	sub := filepath.Join(vol, "tmpfs")
+	if err := os.MkdirAll(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", sub, "tmpfs", 0, ""); err != nil {
+		t.Fatal(err)
+	}
+	sh := testShare(t, root)
+	spec := &specs.Spec{Mounts: []specs.Mount{{Destination: "/mnt", Type: "bind", Source: vol, Options: []string{"rbind", "ro"}}}}
+	if _, err := shareContainer(sh, shareDir("box1"), rootfs, spec, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(sub, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(sub); err != nil {
+		t.Fatalf("remove the unmounted submount's directory while the volume is shared: %v", err)
+	}
 }

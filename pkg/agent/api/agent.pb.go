@@ -491,11 +491,13 @@ type SharedMount struct {
 	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
 	// path of the mount's source inside the share (relative, no "..").
 	Path string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
-	// writable lists, relative to the source, the host's submounts under a
-	// recursive bind that is read-only but not recursively so ("ro"
-	// without "rro"): they keep their own flags, as with runc, so the agent
-	// binds each writable over the read-only view the 9p share gives.
-	Writable      []string `protobuf:"bytes,3,rep,name=writable,proto3" json:"writable,omitempty"`
+	// submounts are the host's mounts under the source of a recursive
+	// bind mount, each shared on its own (the share binds the source itself
+	// without them, so no host directory becomes a mount point in the
+	// host's mount namespace): the agent binds each at its subpath after
+	// the mount, outermost first, read-only as listed (runc's "ro" leaves
+	// submounts as they are, "rro" makes them read-only).
+	Submounts     []*Submount `protobuf:"bytes,3,rep,name=submounts,proto3" json:"submounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -544,11 +546,74 @@ func (x *SharedMount) GetPath() string {
 	return ""
 }
 
-func (x *SharedMount) GetWritable() []string {
+func (x *SharedMount) GetSubmounts() []*Submount {
 	if x != nil {
-		return x.Writable
+		return x.Submounts
 	}
 	return nil
+}
+
+type Submount struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// subpath is where the submount is, relative to the mount's source
+	// (no "..", not absolute).
+	Subpath string `protobuf:"bytes,1,opt,name=subpath,proto3" json:"subpath,omitempty"`
+	// path of the submount inside the share (relative, no "..").
+	Path          string `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`
+	ReadOnly      bool   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Submount) Reset() {
+	*x = Submount{}
+	mi := &file_agent_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Submount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Submount) ProtoMessage() {}
+
+func (x *Submount) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Submount.ProtoReflect.Descriptor instead.
+func (*Submount) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Submount) GetSubpath() string {
+	if x != nil {
+		return x.Subpath
+	}
+	return ""
+}
+
+func (x *Submount) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *Submount) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
 }
 
 type ConfigureNetworkRequest struct {
@@ -569,7 +634,7 @@ type ConfigureNetworkRequest struct {
 
 func (x *ConfigureNetworkRequest) Reset() {
 	*x = ConfigureNetworkRequest{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -581,7 +646,7 @@ func (x *ConfigureNetworkRequest) String() string {
 func (*ConfigureNetworkRequest) ProtoMessage() {}
 
 func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -594,7 +659,7 @@ func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigureNetworkRequest.ProtoReflect.Descriptor instead.
 func (*ConfigureNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ConfigureNetworkRequest) GetId() string {
@@ -644,7 +709,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -656,7 +721,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -669,7 +734,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Interface) GetDeviceMac() string {
@@ -727,7 +792,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -739,7 +804,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -752,7 +817,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Route) GetDest() string {
@@ -809,7 +874,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -821,7 +886,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -834,7 +899,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Neighbor) GetIp() string {
@@ -868,7 +933,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -880,7 +945,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -893,7 +958,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -912,7 +977,7 @@ type ContainerRequest struct {
 
 func (x *ContainerRequest) Reset() {
 	*x = ContainerRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +989,7 @@ func (x *ContainerRequest) String() string {
 func (*ContainerRequest) ProtoMessage() {}
 
 func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1002,7 @@ func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRequest.ProtoReflect.Descriptor instead.
 func (*ContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ContainerRequest) GetId() string {
@@ -957,7 +1022,7 @@ type ProcessRequest struct {
 
 func (x *ProcessRequest) Reset() {
 	*x = ProcessRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1034,7 @@ func (x *ProcessRequest) String() string {
 func (*ProcessRequest) ProtoMessage() {}
 
 func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1047,7 @@ func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRequest.ProtoReflect.Descriptor instead.
 func (*ProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProcessRequest) GetId() string {
@@ -1008,7 +1073,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1085,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1098,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -1056,7 +1121,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1068,7 +1133,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1081,7 +1146,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ExecProcessRequest) GetId() string {
@@ -1121,7 +1186,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1198,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1211,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -1169,7 +1234,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1181,7 +1246,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1194,7 +1259,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SignalProcessRequest) GetId() string {
@@ -1237,7 +1302,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1249,7 +1314,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1262,7 +1327,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WaitProcessRequest) GetId() string {
@@ -1302,7 +1367,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1314,7 +1379,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1327,7 +1392,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WaitProcessResponse) GetExited() bool {
@@ -1368,7 +1433,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1380,7 +1445,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1393,7 +1458,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DeleteContainerRequest) GetId() string {
@@ -1422,7 +1487,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1434,7 +1499,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1447,7 +1512,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StateResponse) GetId() string {
@@ -1480,7 +1545,7 @@ type ListPidsResponse struct {
 
 func (x *ListPidsResponse) Reset() {
 	*x = ListPidsResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1557,7 @@ func (x *ListPidsResponse) String() string {
 func (*ListPidsResponse) ProtoMessage() {}
 
 func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1570,7 @@ func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPidsResponse.ProtoReflect.Descriptor instead.
 func (*ListPidsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListPidsResponse) GetPids() []uint32 {
@@ -1526,7 +1591,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1538,7 +1603,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1551,7 +1616,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatsResponse) GetMetrics() []byte {
@@ -1578,7 +1643,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1590,7 +1655,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1603,7 +1668,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReadStdioRequest) GetId() string {
@@ -1660,7 +1725,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1672,7 +1737,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1685,7 +1750,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ReadStdioResponse) GetData() []byte {
@@ -1717,7 +1782,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1729,7 +1794,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1742,7 +1807,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WriteStdinRequest) GetId() string {
@@ -1783,7 +1848,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1795,7 +1860,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1808,7 +1873,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WriteStdinResponse) GetWritten() uint64 {
@@ -1828,7 +1893,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +1905,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +1918,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CloseStdinRequest) GetId() string {
@@ -1882,7 +1947,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1894,7 +1959,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1907,7 +1972,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ResizePtyRequest) GetId() string {
@@ -1948,7 +2013,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1960,7 +2025,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1973,7 +2038,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *EventsRequest) GetAfter() uint64 {
@@ -2005,7 +2070,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2017,7 +2082,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2030,7 +2095,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Event) GetSeq() uint64 {
@@ -2095,7 +2160,7 @@ type EventsResponse struct {
 
 func (x *EventsResponse) Reset() {
 	*x = EventsResponse{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2107,7 +2172,7 @@ func (x *EventsResponse) String() string {
 func (*EventsResponse) ProtoMessage() {}
 
 func (x *EventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2120,7 +2185,7 @@ func (x *EventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsResponse.ProtoReflect.Descriptor instead.
 func (*EventsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *EventsResponse) GetEvents() []*Event {
@@ -2165,11 +2230,15 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"sandbox_id\x18\a \x01(\tR\tsandboxId\x12'\n" +
 	"\x0fjoin_namespaces\x18\b \x03(\tR\x0ejoinNamespaces\x12$\n" +
-	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"S\n" +
+	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"q\n" +
 	"\vSharedMount\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1a\n" +
-	"\bwritable\x18\x03 \x03(\tR\bwritable\"\xd1\x01\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x128\n" +
+	"\tsubmounts\x18\x03 \x03(\v2\x1a.boxlite.agent.v1.SubmountR\tsubmounts\"U\n" +
+	"\bSubmount\x12\x18\n" +
+	"\asubpath\x18\x01 \x01(\tR\asubpath\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"\xd1\x01\n" +
 	"\x17ConfigureNetworkRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\n" +
@@ -2325,7 +2394,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: boxlite.agent.v1.StdioStream
 	(EventKind)(0),                  // 1: boxlite.agent.v1.EventKind
@@ -2335,88 +2404,90 @@ var file_agent_proto_goTypes = []any{
 	(*Stdio)(nil),                   // 5: boxlite.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 6: boxlite.agent.v1.CreateContainerRequest
 	(*SharedMount)(nil),             // 7: boxlite.agent.v1.SharedMount
-	(*ConfigureNetworkRequest)(nil), // 8: boxlite.agent.v1.ConfigureNetworkRequest
-	(*Interface)(nil),               // 9: boxlite.agent.v1.Interface
-	(*Route)(nil),                   // 10: boxlite.agent.v1.Route
-	(*Neighbor)(nil),                // 11: boxlite.agent.v1.Neighbor
-	(*CreateContainerResponse)(nil), // 12: boxlite.agent.v1.CreateContainerResponse
-	(*ContainerRequest)(nil),        // 13: boxlite.agent.v1.ContainerRequest
-	(*ProcessRequest)(nil),          // 14: boxlite.agent.v1.ProcessRequest
-	(*StartContainerResponse)(nil),  // 15: boxlite.agent.v1.StartContainerResponse
-	(*ExecProcessRequest)(nil),      // 16: boxlite.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 17: boxlite.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 18: boxlite.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 19: boxlite.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 20: boxlite.agent.v1.WaitProcessResponse
-	(*DeleteContainerRequest)(nil),  // 21: boxlite.agent.v1.DeleteContainerRequest
-	(*StateResponse)(nil),           // 22: boxlite.agent.v1.StateResponse
-	(*ListPidsResponse)(nil),        // 23: boxlite.agent.v1.ListPidsResponse
-	(*StatsResponse)(nil),           // 24: boxlite.agent.v1.StatsResponse
-	(*ReadStdioRequest)(nil),        // 25: boxlite.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),       // 26: boxlite.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),       // 27: boxlite.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),      // 28: boxlite.agent.v1.WriteStdinResponse
-	(*CloseStdinRequest)(nil),       // 29: boxlite.agent.v1.CloseStdinRequest
-	(*ResizePtyRequest)(nil),        // 30: boxlite.agent.v1.ResizePtyRequest
-	(*EventsRequest)(nil),           // 31: boxlite.agent.v1.EventsRequest
-	(*Event)(nil),                   // 32: boxlite.agent.v1.Event
-	(*EventsResponse)(nil),          // 33: boxlite.agent.v1.EventsResponse
+	(*Submount)(nil),                // 8: boxlite.agent.v1.Submount
+	(*ConfigureNetworkRequest)(nil), // 9: boxlite.agent.v1.ConfigureNetworkRequest
+	(*Interface)(nil),               // 10: boxlite.agent.v1.Interface
+	(*Route)(nil),                   // 11: boxlite.agent.v1.Route
+	(*Neighbor)(nil),                // 12: boxlite.agent.v1.Neighbor
+	(*CreateContainerResponse)(nil), // 13: boxlite.agent.v1.CreateContainerResponse
+	(*ContainerRequest)(nil),        // 14: boxlite.agent.v1.ContainerRequest
+	(*ProcessRequest)(nil),          // 15: boxlite.agent.v1.ProcessRequest
+	(*StartContainerResponse)(nil),  // 16: boxlite.agent.v1.StartContainerResponse
+	(*ExecProcessRequest)(nil),      // 17: boxlite.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 18: boxlite.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 19: boxlite.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 20: boxlite.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 21: boxlite.agent.v1.WaitProcessResponse
+	(*DeleteContainerRequest)(nil),  // 22: boxlite.agent.v1.DeleteContainerRequest
+	(*StateResponse)(nil),           // 23: boxlite.agent.v1.StateResponse
+	(*ListPidsResponse)(nil),        // 24: boxlite.agent.v1.ListPidsResponse
+	(*StatsResponse)(nil),           // 25: boxlite.agent.v1.StatsResponse
+	(*ReadStdioRequest)(nil),        // 26: boxlite.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),       // 27: boxlite.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),       // 28: boxlite.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),      // 29: boxlite.agent.v1.WriteStdinResponse
+	(*CloseStdinRequest)(nil),       // 30: boxlite.agent.v1.CloseStdinRequest
+	(*ResizePtyRequest)(nil),        // 31: boxlite.agent.v1.ResizePtyRequest
+	(*EventsRequest)(nil),           // 32: boxlite.agent.v1.EventsRequest
+	(*Event)(nil),                   // 33: boxlite.agent.v1.Event
+	(*EventsResponse)(nil),          // 34: boxlite.agent.v1.EventsResponse
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: boxlite.agent.v1.CreateContainerRequest.stdio:type_name -> boxlite.agent.v1.Stdio
 	7,  // 1: boxlite.agent.v1.CreateContainerRequest.shared_mounts:type_name -> boxlite.agent.v1.SharedMount
-	9,  // 2: boxlite.agent.v1.ConfigureNetworkRequest.interfaces:type_name -> boxlite.agent.v1.Interface
-	10, // 3: boxlite.agent.v1.ConfigureNetworkRequest.routes:type_name -> boxlite.agent.v1.Route
-	11, // 4: boxlite.agent.v1.ConfigureNetworkRequest.neighbors:type_name -> boxlite.agent.v1.Neighbor
-	5,  // 5: boxlite.agent.v1.ExecProcessRequest.stdio:type_name -> boxlite.agent.v1.Stdio
-	0,  // 6: boxlite.agent.v1.ReadStdioRequest.stream:type_name -> boxlite.agent.v1.StdioStream
-	1,  // 7: boxlite.agent.v1.Event.kind:type_name -> boxlite.agent.v1.EventKind
-	32, // 8: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
-	3,  // 9: boxlite.agent.v1.Agent.Ping:input_type -> boxlite.agent.v1.PingRequest
-	6,  // 10: boxlite.agent.v1.Agent.CreateContainer:input_type -> boxlite.agent.v1.CreateContainerRequest
-	8,  // 11: boxlite.agent.v1.Agent.ConfigureNetwork:input_type -> boxlite.agent.v1.ConfigureNetworkRequest
-	13, // 12: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
-	16, // 13: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
-	18, // 14: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
-	19, // 15: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
-	14, // 16: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
-	21, // 17: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
-	13, // 18: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
-	13, // 19: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
-	13, // 20: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
-	13, // 21: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
-	13, // 22: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
-	25, // 23: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
-	27, // 24: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
-	29, // 25: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
-	30, // 26: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
-	31, // 27: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
-	2,  // 28: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
-	4,  // 29: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
-	12, // 30: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
-	2,  // 31: boxlite.agent.v1.Agent.ConfigureNetwork:output_type -> boxlite.agent.v1.Empty
-	15, // 32: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
-	17, // 33: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
-	2,  // 34: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
-	20, // 35: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
-	2,  // 36: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
-	2,  // 37: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
-	22, // 38: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
-	23, // 39: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
-	2,  // 40: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
-	2,  // 41: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
-	24, // 42: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
-	26, // 43: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
-	28, // 44: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
-	2,  // 45: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
-	2,  // 46: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
-	33, // 47: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
-	2,  // 48: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
-	29, // [29:49] is the sub-list for method output_type
-	9,  // [9:29] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	8,  // 2: boxlite.agent.v1.SharedMount.submounts:type_name -> boxlite.agent.v1.Submount
+	10, // 3: boxlite.agent.v1.ConfigureNetworkRequest.interfaces:type_name -> boxlite.agent.v1.Interface
+	11, // 4: boxlite.agent.v1.ConfigureNetworkRequest.routes:type_name -> boxlite.agent.v1.Route
+	12, // 5: boxlite.agent.v1.ConfigureNetworkRequest.neighbors:type_name -> boxlite.agent.v1.Neighbor
+	5,  // 6: boxlite.agent.v1.ExecProcessRequest.stdio:type_name -> boxlite.agent.v1.Stdio
+	0,  // 7: boxlite.agent.v1.ReadStdioRequest.stream:type_name -> boxlite.agent.v1.StdioStream
+	1,  // 8: boxlite.agent.v1.Event.kind:type_name -> boxlite.agent.v1.EventKind
+	33, // 9: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
+	3,  // 10: boxlite.agent.v1.Agent.Ping:input_type -> boxlite.agent.v1.PingRequest
+	6,  // 11: boxlite.agent.v1.Agent.CreateContainer:input_type -> boxlite.agent.v1.CreateContainerRequest
+	9,  // 12: boxlite.agent.v1.Agent.ConfigureNetwork:input_type -> boxlite.agent.v1.ConfigureNetworkRequest
+	14, // 13: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
+	17, // 14: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
+	19, // 15: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
+	20, // 16: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
+	15, // 17: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
+	22, // 18: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
+	14, // 19: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
+	14, // 20: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
+	14, // 21: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
+	14, // 22: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
+	14, // 23: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
+	26, // 24: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
+	28, // 25: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
+	30, // 26: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
+	31, // 27: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
+	32, // 28: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
+	2,  // 29: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
+	4,  // 30: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
+	13, // 31: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
+	2,  // 32: boxlite.agent.v1.Agent.ConfigureNetwork:output_type -> boxlite.agent.v1.Empty
+	16, // 33: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
+	18, // 34: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
+	2,  // 35: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
+	21, // 36: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
+	2,  // 37: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
+	2,  // 38: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
+	23, // 39: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
+	24, // 40: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
+	2,  // 41: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
+	2,  // 42: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
+	25, // 43: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
+	27, // 44: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
+	29, // 45: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
+	2,  // 46: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
+	2,  // 47: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
+	34, // 48: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
+	2,  // 49: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
+	30, // [30:50] is the sub-list for method output_type
+	10, // [10:30] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2430,7 +2501,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
