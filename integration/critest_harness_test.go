@@ -98,7 +98,7 @@ type criEnv struct {
 // startCRI makes the test's namespaces, starts containerd with CRI there,
 // the registry and the CNI config, waits for CRI to report its network
 // ready and registers the cleanup checks (see the file comment).
-func startCRI(t *testing.T) *criEnv {
+func startCRI(t testing.TB) *criEnv {
 	t.Helper()
 	bin, err := critestBinDir()
 	if err != nil {
@@ -222,10 +222,12 @@ func writeFile(t testing.TB, path, content string) {
 	}
 }
 
-// crictl runs crictl against the daemon and returns its stdout.
+// crictl runs crictl against the daemon and returns its stdout. It runs in
+// the test's network namespace, where the daemon's streaming server (exec,
+// attach) listens.
 func (e *criEnv) crictl(args ...string) (string, error) {
 	full := append([]string{"--config", filepath.Join(e.c.dir, "crictl.yaml")}, args...)
-	return runHostTimeout(2*time.Minute, filepath.Join(e.bin, "crictl"), full...)
+	return e.inNS(filepath.Join(e.bin, "crictl"), full...)
 }
 
 // waitNetworkReady waits until CRI reports its network ready (it has
