@@ -419,10 +419,17 @@ func (c *containerd) dumpLog(t testing.TB) {
 			keep = append(keep, l)
 		}
 	}
+	if dir := os.Getenv("BOXLITE_KEEP_LOGS"); dir != "" {
+		// The whole log, for a failure the tail does not explain.
+		keptPath := filepath.Join(dir, filepath.Base(c.dir)+"-containerd.log")
+		if err := os.WriteFile(keptPath, data, 0o644); err == nil {
+			t.Logf("containerd log kept in %s", keptPath)
+		}
+	}
 	if len(keep) > 80 {
 		keep = keep[len(keep)-80:]
 	}
-	t.Logf("containerd log (tail):\n%s", strings.Join(keep, "\n"))
+	t.Logf("containerd log (tail, BOXLITE_KEEP_LOGS=DIR keeps it all):\n%s", strings.Join(keep, "\n"))
 }
 
 // idSeq numbers container ids within this test binary.

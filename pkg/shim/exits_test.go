@@ -347,3 +347,26 @@ func TestSandboxForGroupsPodContainers(t *testing.T) {
 		t.Errorf("unknown container type: %v; want invalid argument", err)
 	}
 }
+
+// containerd deletes a pod's sandbox task from two places at once when a
+// RunPodSandbox is rolled back (the rollback and the exit handler): the
+// Delete that comes second, once the first is done, must say NotFound,
+// which containerd takes as "already deleted" (critest's NRI rollback
+// spec left the pod behind otherwise). Verified two-sided: it said
+// FailedPrecondition ("cannot delete in deleted state").
+func TestASecondDeleteOfADeletedTaskIsNotFound(t *testing.T) {
+	checkLeaks(t)
+	c := testContainer("box")
+	c.init.setExited(exitInfo{status: 137, at: time.Now()})
+	s, _ := testService(t, newFakeVM(), c)
+	ctx := testCtx(t, testTimeout)
+	// The first Delete has deleted the process; the second found the
+	// container before the first took it out of the map.
+	if err := c.init.transition("delete", stateDeleted, stateStopped); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.Delete(ctx, &taskAPI.DeleteRequest{ID: "box"})
+	if !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+		t.Fatalf("second Delete: %v; want not found", err)
+	}
+}

@@ -94,10 +94,16 @@ func (p *process) name() string {
 }
 
 // require says why verb cannot run unless the process is in one of states.
-// Call it with op held, before the work; transition after it.
+// Call it with op held, before the work; transition after it. A deleted
+// process is NotFound, as with runc's shim: containerd deletes a task from
+// two places at once (a pod's rollback and its exit handler) and takes
+// NotFound as "already deleted".
 func (p *process) require(verb string, states ...procState) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.state == stateDeleted {
+		return fmt.Errorf("%s %s: already deleted: %w", verb, p.name(), errdefs.ErrNotFound)
+	}
 	for _, st := range states {
 		if p.state == st {
 			return nil
