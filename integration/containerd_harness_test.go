@@ -63,25 +63,26 @@ const (
 // cgroupV1Warning is a line ctr prints on stderr on hybrid-cgroup hosts.
 const cgroupV1Warning = "The support for cgroup v1 is deprecated"
 
+// scriptOutput returns a getter, run once per test binary, of the path a
+// builder in scripts/ prints last: it builds the artifact or finds it in
+// the cache.
+func scriptOutput(script, flag, what string, timeout time.Duration) func() (string, error) {
+	return sync.OnceValues(func() (string, error) {
+		out, err := runHostTimeout(timeout, "bash", filepath.Join(repoRoot, "scripts", script), flag)
+		if err != nil {
+			return "", fmt.Errorf("build %s: %w", what, err)
+		}
+		return lastLine(out), nil
+	})
+}
+
 // containerdBinDir builds (or finds in the cache) containerd, ctr and the runc
 // shim once per test binary with scripts/build-containerd.sh.
-var containerdBinDir = sync.OnceValues(func() (string, error) {
-	out, err := runHostTimeout(15*time.Minute, "bash", filepath.Join(repoRoot, "scripts", "build-containerd.sh"), "--print-dir")
-	if err != nil {
-		return "", fmt.Errorf("build containerd: %w", err)
-	}
-	return lastLine(out), nil
-})
+var containerdBinDir = scriptOutput("build-containerd.sh", "--print-dir", "containerd", 15*time.Minute)
 
 // imageTarball builds (or finds in the cache) the OCI image-layout tarball
 // with testImage and noCmdImage, once per test binary.
-var imageTarball = sync.OnceValues(func() (string, error) {
-	out, err := runHostTimeout(5*time.Minute, "bash", filepath.Join(repoRoot, "scripts", "oci-image.sh"), "--print-path")
-	if err != nil {
-		return "", fmt.Errorf("build the busybox OCI image: %w", err)
-	}
-	return lastLine(out), nil
-})
+var imageTarball = scriptOutput("oci-image.sh", "--print-path", "the busybox OCI image", 5*time.Minute)
 
 func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")

@@ -32,7 +32,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -59,23 +58,11 @@ const (
 
 // critestBinDir builds (or finds in the cache) critest, crictl and ginkgo
 // once per test binary.
-var critestBinDir = sync.OnceValues(func() (string, error) {
-	out, err := runHostTimeout(15*time.Minute, "bash", filepath.Join(repoRoot, "scripts", "build-critest.sh"), "--print-dir")
-	if err != nil {
-		return "", fmt.Errorf("build critest: %w", err)
-	}
-	return lastLine(out), nil
-})
+var critestBinDir = scriptOutput("build-critest.sh", "--print-dir", "critest", 15*time.Minute)
 
 // critestImages builds (or finds in the cache) the critest images'
 // tarball once per test binary.
-var critestImages = sync.OnceValues(func() (string, error) {
-	out, err := runHostTimeout(10*time.Minute, "bash", filepath.Join(repoRoot, "scripts", "critest-images.sh"), "--print-path")
-	if err != nil {
-		return "", fmt.Errorf("build the critest images: %w", err)
-	}
-	return lastLine(out), nil
-})
+var critestImages = scriptOutput("critest-images.sh", "--print-path", "the critest images", 10*time.Minute)
 
 // criSeq numbers the CRI environments of this test binary.
 var criSeq atomic.Uint32

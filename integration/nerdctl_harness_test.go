@@ -51,13 +51,7 @@ var bothRuntimes = []string{runcRuntime, boxliteRuntime}
 const nerdctlBridgeGateway = "10.4.0.1"
 
 // nerdctlBinDir builds (or finds in the cache) nerdctl once per test binary.
-var nerdctlBinDir = sync.OnceValues(func() (string, error) {
-	out, err := runHostTimeout(15*time.Minute, "bash", filepath.Join(repoRoot, "scripts", "build-nerdctl.sh"), "--print-dir")
-	if err != nil {
-		return "", fmt.Errorf("build nerdctl: %w", err)
-	}
-	return lastLine(out), nil
-})
+var nerdctlBinDir = scriptOutput("build-nerdctl.sh", "--print-dir", "nerdctl", 15*time.Minute)
 
 // nsSeq numbers the nerdctl test namespaces of this test binary.
 var nsSeq atomic.Uint32
