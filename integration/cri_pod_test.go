@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/boxlite/boxlite/internal/poll"
 )
 
 // criTestImage is critest's busybox, served by the CRI harness's registry.
@@ -118,16 +120,16 @@ func TestCRIPodFlowWithCrictl(t *testing.T) {
 	if q := e.c.qemus(); len(q) != 1 {
 		t.Errorf("%d QEMU processes for a pod of two containers; want 1: %v", len(q), q)
 	}
-	var page string
-	var err error
-	ok := poll(time.Minute, func() bool {
-		page, err = e.crictl("exec", cli, "wget", "-qO-", "http://127.0.0.1:8080/")
-		return strings.Contains(page, "page-from-the-pod")
-	})
-	if !ok {
+	if err := poll.Wait(func() error {
+		page, err := e.crictl("exec", cli, "wget", "-qO-", "http://127.0.0.1:8080/")
+		if !strings.Contains(page, "page-from-the-pod") {
+			return fmt.Errorf("%q, %v", page, err)
+		}
+		return nil
+	}); err != nil {
 		logs, _ := e.crictl("logs", srv)
 		ps, _ := e.crictl("exec", srv, "ps")
-		t.Fatalf("the server through the pod's localhost: %q, %v\nserver log: %s\nserver ps: %s", page, err, logs, ps)
+		t.Fatalf("the server through the pod's localhost: %v\nserver log: %s\nserver ps: %s", err, logs, ps)
 	}
 	ns := func(id string) string {
 		out, err := e.crictl("exec", id, "sh", "-c", "for n in net ipc uts pid mnt; do echo $n $(readlink /proc/self/ns/$n); done")
@@ -226,16 +228,4 @@ func (p *criPod) containerID(t testing.TB, name string) string {
 		t.Fatalf("crictl ps --name %s: %q, %v", name, out, err)
 	}
 	return strings.Fields(out)[0]
-}
-
-// poll calls cond until it holds or d has passed, and says whether it held.
-func poll(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return true
 }

@@ -73,9 +73,6 @@ type Bind struct {
 	// the bind itself: submounts a recursive bind brings keep their own
 	// flags, as runc's "ro" leaves them.
 	ReadOnly bool
-	// RecursiveReadOnly makes the submounts read-only too (the OCI "rro"
-	// option); it implies ReadOnly.
-	RecursiveReadOnly bool
 	// Slave keeps receiving what is mounted under Source later (a slave of
 	// its peer group, for rslave and rshared volumes): the guest then sees
 	// it too. Without it the bind is private.
@@ -126,8 +123,8 @@ func (s *Share) Add(b Bind) error {
 	if err := unix.Mount("", target, "", prop|unix.MS_REC, ""); err != nil {
 		return fmt.Errorf("make the bind of %s %s: %w", src, how, err)
 	}
-	if b.ReadOnly || b.RecursiveReadOnly {
-		if err := readOnly(target, b.Recursive && b.RecursiveReadOnly); err != nil {
+	if b.ReadOnly {
+		if err := readOnly(target); err != nil {
 			return fmt.Errorf("make %s read-only in the share: %w", src, err)
 		}
 	}
@@ -177,15 +174,8 @@ func fileKind(m fs.FileMode) string {
 	return "special file"
 }
 
-// readOnly makes the mount at target read-only (with its submounts when
-// recursive).
-func readOnly(target string, recursive bool) error {
-	if recursive {
-		err := unix.MountSetattr(-1, target, unix.AT_RECURSIVE, &unix.MountAttr{Attr_set: unix.MOUNT_ATTR_RDONLY})
-		if !errors.Is(err, unix.ENOSYS) {
-			return err
-		}
-	}
+// readOnly makes the mount at target read-only (not its submounts).
+func readOnly(target string) error {
 	return unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, "")
 }
 

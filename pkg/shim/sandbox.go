@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"sync"
 
-	"github.com/containerd/log"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/boxlite/boxlite/pkg/agent"
@@ -224,8 +223,7 @@ func (sb *sandbox) kill() error {
 		return nil
 	}
 	if err := sb.vm.Kill(); err != nil {
-		log.L.WithError(err).WithField("id", sb.id).Warn("kill vm")
-		return err
+		return fmt.Errorf("kill vm of %s: %w", sb.id, err)
 	}
 	return nil
 }
