@@ -17,6 +17,7 @@ import (
 
 	"github.com/boxlite/boxlite/pkg/agent"
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/logfile"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -102,17 +103,39 @@ func (r *relay) openOutputs(ctx context.Context, ns, id string) error {
 	}
 	switch u.Scheme {
 	case "file":
-		f, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
-		if err != nil {
-			return fmt.Errorf("open log file %s: %w", u.Path, err)
-		}
-		// One file takes both streams, as with containerd's runc shim.
-		r.stdout, r.stderr = f, nopCloser{f}
-		return nil
+		return r.openLogFile(u)
 	case "binary":
 		return r.startLogger(ctx, u, ns, id)
 	}
 	return fmt.Errorf("unsupported stdio URI scheme %q in %s", u.Scheme, r.cfg.stdout)
+}
+
+// framedFormat is the file:// URI query (format=framed) that asks for a
+// framed log (pkg/logfile) instead of raw output.
+const framedFormat = "framed"
+
+// openLogFile opens a file:// URI's path (its query is not part of it) for
+// appending; the one file takes both streams. Raw by default, as with
+// containerd's runc shim; with format=framed in the query, stdout and
+// stderr are written as timestamped frames (pkg/logfile), so that readers
+// can tell them apart. Any other format is refused.
+func (r *relay) openLogFile(u *url.URL) error {
+	q := u.Query()
+	if q.Has("format") && q.Get("format") != framedFormat {
+		return fmt.Errorf("unsupported log format %q in %s", q.Get("format"), r.cfg.stdout)
+	}
+	f, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("open log file %s: %w", u.Path, err)
+	}
+	if !q.Has("format") {
+		r.stdout, r.stderr = f, nopCloser{f}
+		return nil
+	}
+	stdout, stderr := logfile.NewWriters(f)
+	// The file is closed once, with stdout.
+	r.stdout, r.stderr = writeCloser{stdout, f}, nopCloser{stderr}
+	return nil
 }
 
 // openFifoWriter opens a FIFO for writing; an empty path is discarded output.
@@ -315,3 +338,10 @@ func (r *relay) shut(grace time.Duration) {
 type nopCloser struct{ io.Writer }
 
 func (nopCloser) Close() error { return nil }
+
+// writeCloser writes through one writer and closes another: a framed
+// stream writes through its framing and closes the file under it.
+type writeCloser struct {
+	io.Writer
+	io.Closer
+}

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,6 +17,8 @@ import (
 
 	"github.com/containerd/fifo"
 	"golang.org/x/sys/unix"
+
+	"github.com/boxlite/boxlite/pkg/logfile"
 )
 
 // containerdStdout makes the stdout FIFO at path and opens its read side
@@ -236,4 +240,70 @@ func TestFailedOpenKillsTheLoggerAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertGone(t, pid)
+}
+
+// fileURI returns the file:// URI of path with query, its path escaped (a
+// test's temporary directory may hold a '#').
+func fileURI(path, query string) string {
+	return (&url.URL{Scheme: "file", Path: path, RawQuery: query}).String()
+}
+
+// A file:// URI with format=framed gives the two streams one framed log
+// (pkg/logfile) in which each chunk keeps its stream, and the file is
+// closed with the relay.
+func TestFramedFileURIKeepsTheStreamsApart(t *testing.T) {
+	checkLeaks(t)
+	path := filepath.Join(t.TempDir(), "box.log")
+	uri := fileURI(path, "format=framed")
+	r, err := openRelay(testCtx(t, testTimeout), stdioConfig{stdout: uri, stderr: uri}, "default", "box")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []struct {
+		w    io.Writer
+		data string
+	}{{r.stdout, "out 1\n"}, {r.stderr, "err\n"}, {r.stdout, "out 2\n"}} {
+		if _, err := w.w.Write([]byte(w.data)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.close()
+	var got []string
+	err = logfile.Read(testCtx(t, testTimeout), path, logfile.ReadOptions{}, func(fr logfile.Frame) error {
+		got = append(got, fr.Stream.String()+" "+string(fr.Data))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"stdout out 1\n", "stderr err\n", "stdout out 2\n"}; !slices.Equal(got, want) {
+		t.Fatalf("log holds %q, want %q", got, want)
+	}
+}
+
+// A file:// URI's format other than framed is refused, naming it, before
+// anything is created.
+func TestFileURIOfAnUnknownFormatIsRefused(t *testing.T) {
+	for _, tc := range []struct{ name, format string }{
+		{"json", "json"},
+		{"raw", "raw"},
+		{"empty", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			path := filepath.Join(t.TempDir(), "box.log")
+			uri := fileURI(path, "format="+tc.format)
+			r, err := openRelay(testCtx(t, testTimeout), stdioConfig{stdout: uri, stderr: uri}, "default", "box")
+			if err == nil {
+				r.close()
+				t.Fatalf("openRelay(%s) succeeded", uri)
+			}
+			if want := "unsupported log format " + strconv.Quote(tc.format); !strings.Contains(err.Error(), want) {
+				t.Fatalf("openRelay(%s) = %v; want it to say %s", uri, err, want)
+			}
+			if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the refused URI made %s: %v", path, err)
+			}
+		})
+	}
 }
