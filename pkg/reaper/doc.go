@@ -7,7 +7,9 @@
 // reparented to us (a runtime's container init, orphaned grandchildren) are
 // reaped too, and their exits are kept for a bounded time so Claim can hand
 // them to whoever learns their pid later. An exit is stored until claimed and
-// is never dropped, however slow the consumer.
+// is never dropped, however slow the consumer. Watch tells a long-lived
+// daemon when each of many processes exits, ours or not, without taking
+// their exits and without a thread per process.
 //
 // Nobody calls exec.Cmd.Wait or os.Process.Wait: they would race the loop and
 // steal exit statuses (LESSONS.md #3).

@@ -46,7 +46,7 @@ const (
 
 // Reaper is the process-wide owner of wait. Use Default.
 type Reaper struct {
-	// mu guards waiting, recent.
+	// mu guards waiting, recent, watchers.
 	mu sync.Mutex
 	// waiting maps a pid to the handle that receives its exit. Guarded by mu.
 	waiting map[int]*Process
@@ -55,6 +55,9 @@ type Reaper struct {
 	// a handle (kept so that Reap by pid still reports one delivered just
 	// before it looked). Guarded by mu.
 	recent []recentExit
+	// watchers are the Watches on children of ours, by pid; deliver closes
+	// them (watch.go). Guarded by mu.
+	watchers map[int][]*childWatch
 
 	// reaped counts reaped processes; tests and benchmarks read it.
 	reaped uint64
@@ -139,9 +142,12 @@ func (r *Reaper) deliver(e Exit) {
 	if ok {
 		delete(r.waiting, e.Pid)
 		p.finish(e)
-		return
+	} else {
+		log.L.WithField("pid", e.Pid).WithField("status", e.Status).Debug("reaped unregistered child")
 	}
-	log.L.WithField("pid", e.Pid).WithField("status", e.Status).Debug("reaped unregistered child")
+	// Watches only learn that the process is gone; they do not take its
+	// exit, which stays for the handle or for a later Claim.
+	r.fireWatchersLocked(e.Pid)
 }
 
 func (r *Reaper) storeRecentLocked(e Exit, delivered bool) {
