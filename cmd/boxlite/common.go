@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,8 +11,8 @@ import (
 	"strings"
 	"syscall"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/boxlite/boxlite/pkg/api"
+	"github.com/boxlite/boxlite/pkg/client"
 	"github.com/boxlite/boxlite/pkg/manager"
 )
 
@@ -58,9 +57,34 @@ func stateFlag(env *cliEnv, fs *flag.FlagSet) *string {
 	return fs.String("state", def, "state directory (also $"+manager.StateRootEnv+")")
 }
 
-// openManager opens the state directory.
-func openManager(state string) (*manager.Manager, error) {
-	return manager.New(manager.Config{StateRoot: state})
+// openBoxes returns the boxes the command works on: the daemon at the
+// --url (or $BOXLITE_URL) given before the subcommand, else the state
+// directory, through the same api.Boxes either way.
+func openBoxes(env *cliEnv, state string) (api.Boxes, error) {
+	if env.url != "" {
+		token, err := readToken(env.tokenFile)
+		if err != nil {
+			return nil, err
+		}
+		return client.New(env.url, client.Options{Token: token})
+	}
+	return manager.NewService(manager.ServiceConfig{Config: manager.Config{StateRoot: state}})
+}
+
+// readToken reads a bearer token file ("" for none).
+func readToken(path string) (string, error) {
+	if path == "" {
+		return "", nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("token file: %w", err)
+	}
+	token := strings.TrimSpace(string(data))
+	if token == "" {
+		return "", fmt.Errorf("token file %s is empty", path)
+	}
+	return token, nil
 }
 
 // multiFlag collects a repeatable string flag.
@@ -92,19 +116,12 @@ func (e *envFlag) Set(v string) error {
 
 // parseSignal accepts a signal name (TERM, SIGTERM, term) or number.
 func parseSignal(s string) (syscall.Signal, error) {
-	if n, err := strconv.Atoi(s); err == nil {
-		if n <= 0 || n > 64 {
-			return 0, fmt.Errorf("invalid signal %q", s)
-		}
-		return syscall.Signal(n), nil
-	}
-	name := strings.ToUpper(s)
-	if !strings.HasPrefix(name, "SIG") {
-		name = "SIG" + name
-	}
-	sig := unix.SignalNum(name)
-	if sig == 0 {
+	if s == "" {
 		return 0, fmt.Errorf("invalid signal %q", s)
+	}
+	sig, err := api.ParseSignal(s, 0)
+	if err != nil {
+		return 0, errors.New(err.Error())
 	}
 	return sig, nil
 }
@@ -142,26 +159,6 @@ func oneBox(fs *flag.FlagSet) (string, error) {
 		return fs.Arg(0), nil
 	}
 	return "", usageErrorf(fs.Name(), "one box only, got %d", fs.NArg())
-}
-
-// getBox opens the state directory and finds ref. With serve, this process
-// serves the events socket (if free) until done is called: a command that
-// drives a shim receives the events it causes, and records them.
-func getBox(ctx context.Context, state, ref string, serve bool) (box *manager.Box, done func(), err error) {
-	m, err := openManager(state)
-	if err != nil {
-		return nil, nil, err
-	}
-	stop := func() {}
-	if serve {
-		stop, _ = m.ServeEvents(nil)
-	}
-	box, err = m.Get(ctx, ref)
-	if err != nil {
-		stop()
-		return nil, nil, err
-	}
-	return box, func() { box.Close(); stop() }, nil
 }
 
 // joinErrors is errors.Join on one line: the non-nil errors joined by "; ".

@@ -2,16 +2,16 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 
-	"github.com/boxlite/boxlite/pkg/manager"
+	"github.com/boxlite/boxlite/pkg/api"
 )
 
-// runEvents serves the events socket and prints every event the shims
-// publish, one line each (TIME TOPIC ID [exec_id] [exit status]), until
-// interrupted. Exits are recorded in the boxes' records.
+// runEvents prints every event the shims publish, one line each (TIME
+// TOPIC ID [exec_id] [exit status] [health]), until interrupted. Locally it
+// serves the events socket (and records exits); with --url it streams the
+// daemon's.
 func runEvents(ctx context.Context, env *cliEnv, args []string) error {
 	fs := newFlagSet(env, "events", "events")
 	state := stateFlag(env, fs)
@@ -21,22 +21,15 @@ func runEvents(ctx context.Context, env *cliEnv, args []string) error {
 	if fs.NArg() > 0 {
 		return usageErrorf("events", "unexpected argument %q", fs.Arg(0))
 	}
-	m, err := openManager(*state)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
+	defer boxes.Close()
 	var mu sync.Mutex
-	es, err := manager.ServeEvents(m.Store(), func(ev manager.Event) {
+	return boxes.Events(ctx, func(ev api.Event) {
 		mu.Lock()
 		defer mu.Unlock()
 		fmt.Fprintln(env.stdout, ev.String())
 	})
-	if errors.Is(err, manager.ErrEventsBusy) {
-		return fmt.Errorf("%v: stop it first (only one listener can own the socket)", err)
-	}
-	if err != nil {
-		return err
-	}
-	<-ctx.Done()
-	return es.Close()
 }

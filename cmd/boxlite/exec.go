@@ -2,9 +2,8 @@ package main
 
 import (
 	"context"
-	"io"
 
-	"github.com/boxlite/boxlite/pkg/manager"
+	"github.com/boxlite/boxlite/pkg/api"
 )
 
 // runExec runs another process in a running box with the terminal's stdio
@@ -33,35 +32,21 @@ func runExec(ctx context.Context, env *cliEnv, args []string) error {
 	if len(argv) == 0 {
 		return usageErrorf("exec", "no command given: boxlite exec ID -- CMD [ARGS...]")
 	}
-	box, done, err := getBox(ctx, *state, ref, true)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	defer done()
-	execID := "exec-" + manager.NewID()
-	var stdin io.Reader
-	if interactive {
-		stdin = env.stdin
-	}
-	fifos, err := manager.NewFIFOs(box.Dir(), execID, stdin, env.stdout, env.stderr, tty)
+	defer boxes.Close()
+	stdio, release := terminalStdio(env, interactive, tty)
+	defer release()
+	req := api.ExecRequest{Cmd: argv, Env: envs, Cwd: workdir, User: user, TTY: tty, Stdin: interactive}
+	// ctx ends at the first SIGINT/SIGTERM, which are the process's now.
+	exit, err := boxes.Exec(context.WithoutCancel(ctx), ref, req, stdio)
 	if err != nil {
 		return err
 	}
-	defer fifos.Close()
-	spec := manager.ExecSpec{Args: argv, Env: envs, Cwd: workdir, User: user, Terminal: tty}
-	if err := box.Exec(ctx, execID, spec, fifos.Stdio()); err != nil {
-		return err
-	}
-	code, _, err := attach(ctx, env, box, execID, fifos, tty)
-	derr := box.DeleteExec(context.WithoutCancel(ctx), execID)
-	if err == nil {
-		drainOutput(env, fifos)
-	}
-	if err != nil {
-		return joinErrors(err, derr)
-	}
-	if code != 0 {
-		return exitCodeError{code: code}
+	if exit.Status != 0 {
+		return exitCodeError{code: int(exit.Status)}
 	}
 	return nil
 }

@@ -33,12 +33,15 @@ func runInspect(ctx context.Context, env *cliEnv, args []string) error {
 			return usageErrorf("inspect", "--format: %v", err)
 		}
 	}
-	box, done, err := getBox(ctx, *state, ref, false)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	defer done()
-	rec := box.Record()
+	defer boxes.Close()
+	rec, err := boxes.Inspect(ctx, ref)
+	if err != nil {
+		return err
+	}
 	if tmpl == nil {
 		data, err := json.MarshalIndent(rec, "", "  ")
 		if err != nil {

@@ -2,7 +2,8 @@ package main
 
 import (
 	"context"
-	"syscall"
+
+	"github.com/boxlite/boxlite/pkg/api"
 )
 
 // runKill sends a signal (default SIGTERM) to a box's process.
@@ -14,18 +15,17 @@ func runKill(ctx context.Context, env *cliEnv, args []string) error {
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
 	}
-	sig, err := parseSignal(*sigName)
-	if err != nil {
+	if _, err := parseSignal(*sigName); err != nil {
 		return usageErrorf("kill", "%v", err)
 	}
 	ref, err := oneBox(fs)
 	if err != nil {
 		return err
 	}
-	box, done, err := getBox(ctx, *state, ref, true)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	defer done()
-	return box.Kill(ctx, "", syscall.Signal(sig), *all)
+	defer boxes.Close()
+	return boxes.Kill(ctx, ref, api.KillRequest{Signal: *sigName, All: *all})
 }

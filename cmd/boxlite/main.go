@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,6 +35,10 @@ type cliEnv struct {
 	// state is the state directory given before the subcommand (--state),
 	// or "" for the default.
 	state string
+	// url is the daemon to drive (--url or $BOXLITE_URL), "" for local;
+	// tokenFile holds its bearer token (--token-file or
+	// $BOXLITE_TOKEN_FILE).
+	url, tokenFile string
 }
 
 // commands lists the subcommands in the order usage shows them.
@@ -49,6 +54,8 @@ func commands() []command {
 		{name: "rm", summary: "remove boxes (a running one only with --force)", run: runRm},
 		{name: "inspect", summary: "print a box's record (JSON, or a --format template)", run: runInspect},
 		{name: "events", summary: "print the events of every box until interrupted", run: runEvents},
+		{name: "logs", summary: "print a box's output (-f: follow it)", run: runLogs},
+		{name: "serve", summary: "serve the REST API: a daemon that owns and reaps its boxes' shims", run: runServe},
 	}
 }
 
@@ -108,20 +115,40 @@ func (d *dropAfterError) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// run dispatches args to a subcommand. A --state DIR before the
-// subcommand applies to it.
+// globalFlags are the flags given before the subcommand; each takes a
+// value.
+var globalFlags = []string{"state", "url", "token-file"}
+
+// run dispatches args to a subcommand. --state DIR, --url URL and
+// --token-file FILE before the subcommand apply to it.
 func run(ctx context.Context, env *cliEnv, args []string) error {
-	for len(args) > 0 && (args[0] == "--state" || args[0] == "-state" ||
-		strings.HasPrefix(args[0], "--state=") || strings.HasPrefix(args[0], "-state=")) {
-		if _, v, ok := strings.Cut(args[0], "="); ok {
-			env.state, args = v, args[1:]
-			continue
+	if env.url == "" {
+		env.url = os.Getenv("BOXLITE_URL")
+	}
+	if env.tokenFile == "" {
+		env.tokenFile = os.Getenv("BOXLITE_TOKEN_FILE")
+	}
+	for len(args) > 0 {
+		name, value, hasValue := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
+		if !strings.HasPrefix(args[0], "-") || !slices.Contains(globalFlags, name) {
+			break
 		}
-		if len(args) < 2 {
-			fmt.Fprintln(env.stderr, "boxlite: --state needs a directory")
-			return errUsage
+		if !hasValue {
+			if len(args) < 2 {
+				fmt.Fprintf(env.stderr, "boxlite: --%s needs a value\n", name)
+				return errUsage
+			}
+			value, args = args[1], args[1:]
 		}
-		env.state, args = args[1], args[2:]
+		args = args[1:]
+		switch name {
+		case "state":
+			env.state = value
+		case "url":
+			env.url = value
+		case "token-file":
+			env.tokenFile = value
+		}
 	}
 	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
 		usage(env.stderr)
@@ -149,6 +176,10 @@ func usage(w io.Writer) {
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
+	fmt.Fprintln(w, "\nglobal flags (before the command):")
+	fmt.Fprintln(w, "  --state DIR        state directory (also $BOXLITE_STATE; default /run/boxlite)")
+	fmt.Fprintln(w, "  --url URL          drive the daemon at URL instead: unix:///run/boxlite/boxlite.sock, tcp://HOST:PORT (also $BOXLITE_URL)")
+	fmt.Fprintln(w, "  --token-file FILE  bearer token for a TCP daemon (also $BOXLITE_TOKEN_FILE)")
 	fmt.Fprintln(w, "\nRun 'boxlite <command> -h' for a command's flags.")
 }
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/boxlite/boxlite/pkg/api"
 	"github.com/boxlite/boxlite/pkg/manager"
 )
 
@@ -14,8 +15,11 @@ import (
 // asked for the task's state; a box whose shim or VMM died is marked stopped
 // with exit 137 and its stale files removed.
 func runPs(ctx context.Context, env *cliEnv, args []string) error {
-	fs := newFlagSet(env, "ps", "ps [-q]")
+	fs := newFlagSet(env, "ps", "ps [-q] [--status S] [-l K[=V]]")
 	quiet := fs.Bool("q", false, "print the ids only")
+	var statuses, labels multiFlag
+	fs.Var(&statuses, "status", "only boxes in this status: created, running, paused, stopped, unknown (repeatable)")
+	fs.Var(&labels, "l", "only boxes with this label K or K=V (repeatable)")
 	state := stateFlag(env, fs)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
@@ -23,11 +27,12 @@ func runPs(ctx context.Context, env *cliEnv, args []string) error {
 	if fs.NArg() > 0 {
 		return usageErrorf("ps", "unexpected argument %q", fs.Arg(0))
 	}
-	m, err := openManager(*state)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	recs, listErr := m.List(ctx)
+	defer boxes.Close()
+	recs, listErr := boxes.List(ctx, api.ListFilter{Status: statuses, Labels: labels})
 	if *quiet {
 		for _, r := range recs {
 			fmt.Fprintln(env.stdout, r.ID)
@@ -44,12 +49,12 @@ func runPs(ctx context.Context, env *cliEnv, args []string) error {
 	return nil
 }
 
-func printTable(env *cliEnv, recs []manager.Record) {
+func printTable(env *cliEnv, recs []api.Box) {
 	w := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "ID\tNAME\tSTATUS\tEXIT\tSHIM-PID\tVMM-PID\tHEALTH\tCOMMAND")
 	for _, r := range recs {
 		exit, health := "-", dash(r.Health)
-		if r.Status == manager.StatusStopped {
+		if r.Status == string(manager.StatusStopped) {
 			// A stopped box has no health; inspect keeps the last one.
 			exit, health = strconv.FormatUint(uint64(r.ExitStatus), 10), "-"
 		}

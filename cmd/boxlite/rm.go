@@ -18,23 +18,14 @@ func runRm(ctx context.Context, env *cliEnv, args []string) error {
 	if fs.NArg() == 0 {
 		return usageErrorf("rm", "no box given")
 	}
-	m, err := openManager(*state)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	stop, _ := m.ServeEvents(nil)
-	defer stop()
+	defer boxes.Close()
 	failed := 0
 	for _, ref := range fs.Args() {
-		err := func() error {
-			box, err := m.Get(ctx, ref)
-			if err != nil {
-				return err
-			}
-			defer box.Close()
-			return box.Remove(context.WithoutCancel(ctx), *force)
-		}()
-		if err != nil {
+		if err := boxes.Remove(context.WithoutCancel(ctx), ref, *force); err != nil {
 			fmt.Fprintf(env.stderr, "boxlite: %v\n", err)
 			failed++
 			continue

@@ -4,10 +4,10 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
-	"sync"
-	"time"
+	"path/filepath"
+	"strings"
 
+	"github.com/boxlite/boxlite/pkg/api"
 	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/manager"
 	"github.com/boxlite/boxlite/pkg/vmm"
@@ -20,8 +20,10 @@ type boxOptions struct {
 	// network, ports and volumes connect the box to the host.
 	network        string
 	ports, volumes multiFlag
-	cpus           float64
-	state          *string
+	// labels are -l K=V.
+	labels multiFlag
+	cpus   float64
+	state  *string
 	// noHealth and health (by annotation) tune the box's health check.
 	noHealth bool
 	health   map[string]*string
@@ -47,6 +49,7 @@ func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	fs.StringVar(&o.network, "network", manager.NetworkUser, "the box's network: user (outbound NAT, -p works, no host set-up), none (loopback only) or netns:PATH (the VM joins that network namespace)")
 	fs.Var(&o.ports, "p", "publish a box port on the host with --network user: [IP:]HOSTPORT:BOXPORT[/tcp|udp] (repeatable)")
 	fs.Var(&o.volumes, "v", "bind-mount a host path into the box: HOSTPATH:BOXPATH[:ro] (repeatable)")
+	fs.Var(&o.labels, "l", "set a label K=V on the box, to filter by (repeatable)")
 	fs.BoolVar(&o.noHealth, "no-health-check", false, "turn off the box's health check (on by default: is the VM running and its agent answering)")
 	o.health = map[string]*string{}
 	for _, f := range healthFlags {
@@ -55,227 +58,201 @@ func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	o.state = stateFlag(env, fs)
 }
 
-// healthAnnotations validates the health flags and returns the annotations
-// they set (none for the defaults).
-func (o *boxOptions) healthAnnotations(cmd string) (map[string]string, error) {
-	ann := map[string]string{}
+// healthSettings validates the health flags and sets the request's
+// health settings (none for the defaults).
+func (o *boxOptions) healthSettings(cmd string, req *api.CreateRequest) error {
 	var check health.Options
+	custom := &api.HealthCheck{}
+	set := false
 	for _, f := range healthFlags {
 		v := *o.health[f.annotation]
 		if v == "" {
 			continue
 		}
 		if o.noHealth {
-			return nil, usageErrorf(cmd, "--%s makes no sense with --no-health-check", f.flag)
+			return usageErrorf(cmd, "--%s makes no sense with --no-health-check", f.flag)
 		}
 		if err := check.Set(f.annotation, v, "--"+f.flag); err != nil {
-			return nil, usageErrorf(cmd, "%v", err)
+			return usageErrorf(cmd, "%v", err)
 		}
-		ann[f.annotation] = v
+		set = true
+		switch f.annotation {
+		case health.AnnotationInterval:
+			custom.Interval = v
+		case health.AnnotationTimeout:
+			custom.Timeout = v
+		case health.AnnotationStartPeriod:
+			custom.StartPeriod = v
+		case health.AnnotationRetries:
+			custom.Retries = check.Retries
+		}
 	}
 	if o.noHealth {
-		ann[health.AnnotationDisabled] = "true"
+		disabled := true
+		req.HealthCheckDisabled = &disabled
 	}
-	return ann, nil
+	if set {
+		req.HealthCheck = custom
+	}
+	return nil
 }
 
-// createOptions turns the flags and the command into CreateOptions.
-func (o *boxOptions) createOptions(cmd string, argv []string, terminal bool) (manager.CreateOptions, error) {
+// createRequest turns the flags and the command into a create request.
+// Relative paths are resolved here, against the CLI's directory (the
+// daemon's is not the user's); everything else is checked by the manager,
+// for the CLI and the REST API alike.
+func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdin bool) (api.CreateRequest, error) {
 	if len(argv) == 0 {
-		return manager.CreateOptions{}, usageErrorf(cmd, "no command given: boxlite %s --rootfs DIR -- CMD [ARGS...]", cmd)
+		return api.CreateRequest{}, usageErrorf(cmd, "no command given: boxlite %s --rootfs DIR -- CMD [ARGS...]", cmd)
 	}
 	if o.rootfs == "" {
-		return manager.CreateOptions{}, usageErrorf(cmd, "--rootfs DIR is required")
+		return api.CreateRequest{}, usageErrorf(cmd, "--rootfs DIR is required")
 	}
 	mem, err := parseMemory(o.memory)
 	if o.memory != "" && err != nil {
-		return manager.CreateOptions{}, usageErrorf(cmd, "--memory: %v", err)
+		return api.CreateRequest{}, usageErrorf(cmd, "--memory: %v", err)
 	}
 	if o.cpus < 0 {
-		return manager.CreateOptions{}, usageErrorf(cmd, "--cpus must be positive")
+		return api.CreateRequest{}, usageErrorf(cmd, "--cpus must be positive")
 	}
-	ann, err := o.healthAnnotations(cmd)
-	if err != nil {
-		return manager.CreateOptions{}, err
+	req := api.CreateRequest{
+		Cmd: argv, Env: o.env, Cwd: o.workdir, User: o.user, Memory: mem, CPUs: o.cpus,
+		Network: o.network, Ports: o.ports, Name: o.name, TTY: terminal, OpenStdin: openStdin,
+	}
+	if req.Rootfs, err = filepath.Abs(o.rootfs); err != nil {
+		return api.CreateRequest{}, err
+	}
+	if err := o.healthSettings(cmd, &req); err != nil {
+		return api.CreateRequest{}, err
 	}
 	if len(o.ports) > 0 && o.network != manager.NetworkUser {
-		return manager.CreateOptions{}, usageErrorf(cmd, "-p publishes ports with --network user only")
+		return api.CreateRequest{}, usageErrorf(cmd, "-p publishes ports with --network user only")
 	}
 	for _, p := range o.ports {
 		if _, err := vmm.ParseForward(p); err != nil {
-			return manager.CreateOptions{}, usageErrorf(cmd, "-p: %v", err)
+			return api.CreateRequest{}, usageErrorf(cmd, "-p: %v", err)
 		}
 	}
-	var vols []manager.Volume
 	for _, v := range o.volumes {
-		vol, err := manager.ParseVolume(v)
-		if err != nil {
-			return manager.CreateOptions{}, usageErrorf(cmd, "-v: %v", err)
+		host, rest, ok := strings.Cut(v, ":")
+		if !ok || host == "" {
+			return api.CreateRequest{}, usageErrorf(cmd, "-v %q: want HOSTPATH:BOXPATH[:ro|rw]", v)
 		}
-		vols = append(vols, vol)
+		abs, err := filepath.Abs(host)
+		if err != nil {
+			return api.CreateRequest{}, err
+		}
+		req.Volumes = append(req.Volumes, abs+":"+rest)
 	}
-	return manager.CreateOptions{
-		ID:   manager.NewID(),
-		Name: o.name,
-		Spec: manager.BoxSpec{
-			Args: argv, Env: o.env, Cwd: o.workdir, User: o.user,
-			MemoryBytes: mem, CPUs: o.cpus, Terminal: terminal, Rootfs: o.rootfs,
-			Annotations: ann, Network: o.network, Ports: o.ports, Volumes: vols,
-		},
-	}, nil
+	for _, l := range o.labels {
+		k, v, _ := strings.Cut(l, "=")
+		if k == "" {
+			return api.CreateRequest{}, usageErrorf(cmd, "-l %q: want KEY[=VALUE]", l)
+		}
+		if req.Labels == nil {
+			req.Labels = map[string]string{}
+		}
+		req.Labels[k] = v
+	}
+	return req, nil
 }
 
-// runRun creates a box, runs its process with the terminal's stdio relayed
-// through FIFOs, and exits with the process's status; or, with -d, prints
-// the box id and leaves it running with its shim.
+// runRun creates a box, starts it and relays its stdio until its process
+// exits, then stops it (or removes it with --rm) and exits with its status;
+// with -d it prints the box id and leaves it running, its output in its
+// log (boxlite logs).
 func runRun(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
 	var rm, detach, interactive, tty bool
-	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	fs.BoolVar(&rm, "rm", false, "remove the box when its process exits")
-	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (output goes to box.log in its directory)")
+	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (its output: boxlite logs ID)")
 	fs.BoolVar(&interactive, "i", false, "keep stdin open and relay it to the process")
 	fs.BoolVar(&tty, "t", false, "give the process a terminal")
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
 	}
-	co, err := o.createOptions("run", fs.Args(), tty)
+	req, err := o.createRequest("run", fs.Args(), tty, interactive)
 	if err != nil {
 		return err
 	}
 	if detach && (interactive || tty || rm) {
 		return usageErrorf("run", "-d cannot be combined with -i, -t or --rm")
 	}
-	m, err := openManager(*o.state)
+	boxes, err := openBoxes(env, *o.state)
 	if err != nil {
 		return err
 	}
-	// While it runs, this process serves the events socket (unless another
-	// does) and records the exits of every box.
-	exited := make(chan struct{})
-	var once sync.Once
-	stop, serving := m.ServeEvents(func(ev manager.Event) {
-		if ev.Exited && ev.ID == co.ID && ev.ExecID == "" {
-			once.Do(func() { close(exited) })
-		}
-	})
-	defer stop()
+	defer boxes.Close()
+	id, err := boxes.Create(ctx, req)
+	if err != nil {
+		return err
+	}
+	// From here the box exists: whatever happens, it is started, or
+	// removed. ctx ends at the first SIGINT/SIGTERM, which from now on
+	// are the box's.
+	wctx := context.WithoutCancel(ctx)
+	if err := ctx.Err(); err != nil {
+		return joinErrors(fmt.Errorf("interrupted: %w", err), boxes.Remove(wctx, id, true))
+	}
 	if detach {
-		return createDetached(ctx, env, m, co, true)
-	}
-	var waitExit <-chan struct{}
-	if serving && !rm {
-		waitExit = exited
-	}
-	return runForeground(ctx, env, m, co, interactive, rm, waitExit)
-}
-
-// exitEventTimeout bounds the wait for a box's own TaskExit event.
-const exitEventTimeout = 2 * time.Second
-
-// runForeground creates and starts the box with its stdio relayed, waits
-// for its process, then removes the box (--rm) or stops it, keeping its
-// record. With exited (closed when the box's TaskExit event was recorded)
-// it waits, bounded, for that event: the shim publishes an OOM kill before
-// the exit, so the kept record then says whether the box was OOM-killed.
-func runForeground(ctx context.Context, env *cliEnv, m *manager.Manager, co manager.CreateOptions, interactive, rm bool, exited <-chan struct{}) error {
-	var fifos *manager.FIFOs
-	var stdin io.Reader
-	if interactive {
-		stdin = env.stdin
-	}
-	co.Stdio = func(dir string) (manager.Stdio, error) {
-		f, err := manager.NewFIFOs(dir, co.ID, stdin, env.stdout, env.stderr, co.Spec.Terminal)
-		if err != nil {
-			return manager.Stdio{}, err
+		if err := boxes.Start(wctx, id); err != nil {
+			return joinErrors(err, boxes.Remove(wctx, id, true))
 		}
-		fifos = f
-		return f.Stdio(), nil
+		fmt.Fprintln(env.stdout, id)
+		return nil
 	}
-	box, err := m.Create(ctx, co)
-	if err != nil {
-		if fifos != nil {
-			fifos.Close()
-		}
-		return err
+	stdio, release := terminalStdio(env, interactive, tty)
+	defer release()
+	if err := boxes.Start(wctx, id); err != nil {
+		return joinErrors(err, boxes.Remove(wctx, id, true))
 	}
-	defer fifos.Close()
-	defer box.Close()
-	code, started, err := attach(ctx, env, box, "", fifos, co.Spec.Terminal)
-	tctx := context.WithoutCancel(ctx)
-	if !started {
-		// Nothing half-created: a box whose process never started goes.
-		if rerr := box.Remove(tctx, true); rerr != nil {
-			return joinErrors(err, rerr)
-		}
-		return err
-	}
+	exit, err := boxes.Attach(wctx, id, stdio)
+	release()
 	var terr error
 	if rm {
-		terr = box.Remove(tctx, true)
+		terr = boxes.Remove(wctx, id, true)
 	} else {
-		terr = box.Stop(tctx)
-	}
-	drainOutput(env, fifos)
-	if exited != nil && err == nil {
-		select {
-		case <-exited:
-		case <-time.After(exitEventTimeout):
-		}
+		terr = boxes.Stop(wctx, id, api.StopRequest{})
 	}
 	switch {
 	case err != nil:
 		return joinErrors(err, terr)
 	case terr != nil:
 		fmt.Fprintf(env.stderr, "boxlite: %v\n", terr)
-		if code == 0 {
+		if exit.Status == 0 {
 			return errReported
 		}
 	}
-	if code != 0 {
-		return exitCodeError{code: code}
+	if exit.Status != 0 {
+		return exitCodeError{code: int(exit.Status)}
 	}
 	return nil
 }
 
 // runCreate creates a box without starting its process and prints its id.
-// Its output will go to box.log in its directory.
 func runCreate(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
-	fs := newFlagSet(env, "create", "create [--name N] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "create", "create [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
 	addBoxFlags(env, fs, &o)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
 	}
-	co, err := o.createOptions("create", fs.Args(), false)
+	req, err := o.createRequest("create", fs.Args(), false, false)
 	if err != nil {
 		return err
 	}
-	m, err := openManager(*o.state)
+	boxes, err := openBoxes(env, *o.state)
 	if err != nil {
 		return err
 	}
-	stop, _ := m.ServeEvents(nil)
-	defer stop()
-	return createDetached(ctx, env, m, co, false)
-}
-
-// createDetached creates a box whose output goes to its log file, starts
-// it if asked, and prints its id. A box that fails to start is removed.
-func createDetached(ctx context.Context, env *cliEnv, m *manager.Manager, co manager.CreateOptions, start bool) error {
-	co.Stdio = func(dir string) (manager.Stdio, error) { return manager.LogStdio(dir), nil }
-	box, err := m.Create(ctx, co)
+	defer boxes.Close()
+	id, err := boxes.Create(ctx, req)
 	if err != nil {
 		return err
 	}
-	defer box.Close()
-	if start {
-		if _, err := box.Start(ctx, ""); err != nil {
-			return joinErrors(err, box.Remove(context.WithoutCancel(ctx), true))
-		}
-	}
-	fmt.Fprintln(env.stdout, box.ID())
+	fmt.Fprintln(env.stdout, id)
 	return nil
 }
 
@@ -290,17 +267,14 @@ func runStart(ctx context.Context, env *cliEnv, args []string) error {
 	if err != nil {
 		return err
 	}
-	box, done, err := getBox(ctx, *state, ref, true)
+	boxes, err := openBoxes(env, *state)
 	if err != nil {
 		return err
 	}
-	defer done()
-	if st := box.Record().Status; st != manager.StatusCreated {
-		return fmt.Errorf("box %s is %s: only a created box can be started", ref, st)
-	}
-	if _, err := box.Start(ctx, ""); err != nil {
+	defer boxes.Close()
+	if err := boxes.Start(ctx, ref); err != nil {
 		return err
 	}
-	fmt.Fprintln(env.stdout, box.ID())
+	fmt.Fprintln(env.stdout, ref)
 	return nil
 }

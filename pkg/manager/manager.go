@@ -101,6 +101,13 @@ type CreateOptions struct {
 	ID string
 	// Name is an optional unique name.
 	Name string
+	// Labels are free key/value pairs to filter boxes by.
+	Labels map[string]string
+	// AutoRemove asks a daemon to remove the box once its process exited.
+	AutoRemove bool
+	// OpenStdin gives the process a stdin FIFO that the first attach
+	// writes to (Service's stdio; ignored when Stdio is set).
+	OpenStdin bool
 	// Spec is the box's process and rootfs.
 	Spec BoxSpec
 	// Stdio returns the task's stdio, given the box's directory (where
@@ -128,7 +135,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 		ID: o.ID, Name: o.Name, Bundle: m.store.BundleDir(o.ID), Rootfs: rootfs,
 		Command: o.Spec.Args, Terminal: o.Spec.Terminal, Status: StatusCreated,
 		Network: cmp.Or(o.Spec.Network, NetworkUser), Ports: o.Spec.Ports,
-		CreatedAt: time.Now().UTC(),
+		Labels: o.Labels, AutoRemove: o.AutoRemove, CreatedAt: time.Now().UTC(),
 	}
 	if err := m.store.Add(rec); err != nil {
 		return nil, err

@@ -109,6 +109,10 @@ type Record struct {
 	// Interfaces are the box's configured network interfaces with their
 	// addresses, once it started.
 	Interfaces []network.InfoInterface `json:"interfaces,omitempty"`
+	// Labels are the key/value pairs given at create, to filter by.
+	Labels map[string]string `json:"labels,omitempty"`
+	// AutoRemove says the daemon removes the box once its process exited.
+	AutoRemove bool `json:"auto_remove,omitempty"`
 	// CreatedAt is when the box was created.
 	CreatedAt time.Time `json:"created_at"`
 }
