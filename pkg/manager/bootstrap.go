@@ -158,7 +158,7 @@ func (c shimCommand) args(id, bundle, action string) []string {
 func (c shimCommand) cmd(dir string, args []string) *exec.Cmd {
 	cmd := exec.Command(c.binary, args...)
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(),
+	cmd.Env = append(reaper.Environ(),
 		"GOMAXPROCS=2",
 		"MAX_SHIM_VERSION=2",
 		"TTRPC_ADDRESS="+c.ttrpcAddress,

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -61,7 +62,14 @@ type Reaper struct {
 
 	// reaped counts reaped processes; tests and benchmarks read it.
 	reaped uint64
+	// ownOnly is FaultNoReapEnv's fault: reap only registered processes.
+	ownOnly bool
 }
+
+// FaultNoReapEnv, set to 1 in a process's environment, makes Default a
+// subreaper that never reaps: fault injection for the tests that prove a
+// missing reap is seen (each leaves zombies until its process exits).
+const FaultNoReapEnv = "BOXLITE_FAULT_NO_REAP"
 
 var (
 	defaultOnce   sync.Once
@@ -77,7 +85,14 @@ func Default() *Reaper {
 		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 			log.L.WithError(err).Warn("cannot become child subreaper")
 		}
-		defaultReaper = &Reaper{waiting: make(map[int]*Process)}
+		defaultReaper = &Reaper{waiting: make(map[int]*Process), watchers: map[int][]*childWatch{}}
+		if os.Getenv(FaultNoReapEnv) == "1" {
+			// Fault injection: a subreaper that reaps only what it
+			// started, so that tests can prove they would see the zombies
+			// left by the processes that reparent to it.
+			log.L.Warnf("%s=1: this process will NOT reap the processes that reparent to it (fault injection for tests)", FaultNoReapEnv)
+			defaultReaper.ownOnly = true
+		}
 		ch := make(chan os.Signal, 32)
 		signal.Notify(ch, unix.SIGCHLD)
 		go defaultReaper.loop(ch)
@@ -97,6 +112,10 @@ func (r *Reaper) loop(ch <-chan os.Signal) {
 
 // drain reaps every exited child with wait4(-1, WNOHANG) until none is left.
 func (r *Reaper) drain() {
+	if r.ownOnly {
+		r.drainOwn()
+		return
+	}
 	for {
 		var ws unix.WaitStatus
 		pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
@@ -109,6 +128,37 @@ func (r *Reaper) drain() {
 		}
 		r.deliver(exitFromStatus(pid, ws))
 	}
+}
+
+// drainOwn reaps the registered processes that exited, one wait4 each,
+// and leaves every other child a zombie (FaultNoReapEnv).
+func (r *Reaper) drainOwn() {
+	r.mu.Lock()
+	pids := make([]int, 0, len(r.waiting))
+	for pid := range r.waiting {
+		pids = append(pids, pid)
+	}
+	r.mu.Unlock()
+	for _, pid := range pids {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		if err == nil && got == pid {
+			r.deliver(exitFromStatus(pid, ws))
+		}
+	}
+}
+
+// Environ is os.Environ without FaultNoReapEnv: a process started by one
+// with the fault must not inherit it (the fault is the parent's alone).
+func Environ() []string {
+	env := os.Environ()
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, FaultNoReapEnv+"=") {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 func exitFromStatus(pid int, ws unix.WaitStatus) Exit {
