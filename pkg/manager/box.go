@@ -239,6 +239,10 @@ func (b *Box) Start(ctx context.Context, execID string) (uint32, error) {
 			}
 			r.TaskPid = resp.GetPid()
 		})
+		if errdefs.IsNotFound(err) {
+			// It started, exited and was auto-removed meanwhile.
+			err = nil
+		}
 	}
 	return resp.GetPid(), err
 }

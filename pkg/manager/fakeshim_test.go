@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +34,7 @@ import (
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/boxlite/boxlite/pkg/logfile"
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -195,14 +197,18 @@ func fakeShimServe() {
 
 // fakeProc is a fake process. Its args are a tiny language: "exit N"
 // prints "bye" on stdout and "oops" on stderr and exits N; "sleep" runs
-// until killed (exit 128+signal); "cat" copies stdin to stdout until EOF;
-// "env" prints its environment.
+// until signalled (exit 128+signal); "trap" prints "ready" on stdout, then
+// "trapped" on stderr once signalled, and exits 128+signal; "stubborn"
+// ignores every signal but SIGKILL; "cat" copies stdin to stdout until EOF;
+// "env" prints its environment. Output goes where the shim would send it:
+// FIFOs, a raw file:// log, or a framed one (file://PATH?format=framed).
 type fakeProc struct {
 	args                  []string
 	env                   []string
 	stdin, stdout, stderr string
 	status                tasktypes.Status
 	exitStatus            uint32
+	exitedAt              *timestamppb.Timestamp
 	exited                chan struct{}
 	killed                chan syscall.Signal
 	outputs               []io.Closer
@@ -250,7 +256,7 @@ func (s *fakeTask) Create(ctx context.Context, r *taskapi.CreateTaskRequest) (*t
 
 func newFakeProc(args, env []string, stdin, stdout, stderr string) *fakeProc {
 	return &fakeProc{args: args, env: env, stdin: stdin, stdout: stdout, stderr: stderr,
-		status: tasktypes.Status_CREATED, exited: make(chan struct{}), killed: make(chan syscall.Signal, 1)}
+		status: tasktypes.Status_CREATED, exited: make(chan struct{}), killed: make(chan syscall.Signal, 8)}
 }
 
 func (s *fakeTask) Start(ctx context.Context, r *taskapi.StartRequest) (*taskapi.StartResponse, error) {
@@ -267,18 +273,7 @@ func (s *fakeTask) Start(ctx context.Context, r *taskapi.StartRequest) (*taskapi
 
 // run plays the fake process and records its exit.
 func (s *fakeTask) run(id, execID string, p *fakeProc) {
-	open := func(path string) io.WriteCloser {
-		if path == "" {
-			return nil
-		}
-		if u := "file://"; len(path) > len(u) && path[:len(u)] == u {
-			f, _ := os.OpenFile(path[len(u):], os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-			return f
-		}
-		f, _ := os.OpenFile(path, os.O_WRONLY, 0)
-		return f
-	}
-	out, errw := open(p.stdout), open(p.stderr)
+	out, errw, closers := openFakeOutputs(p.stdout, p.stderr)
 	write := func(w io.Writer, s string) {
 		if w != nil {
 			io.WriteString(w, s)
@@ -293,6 +288,17 @@ func (s *fakeTask) run(id, execID string, p *fakeProc) {
 		status = uint32(n)
 	case "sleep":
 		status = 128 + uint32(<-p.killed)
+	case "trap":
+		write(out, "ready\n")
+		status = 128 + uint32(<-p.killed)
+		write(errw, "trapped\n")
+	case "stubborn":
+		for sig := range p.killed {
+			if sig == syscall.SIGKILL {
+				status = 128 + uint32(sig)
+				break
+			}
+		}
 	case "cat":
 		if in, err := os.OpenFile(p.stdin, os.O_RDONLY, 0); err == nil {
 			if out != nil {
@@ -306,19 +312,49 @@ func (s *fakeTask) run(id, execID string, p *fakeProc) {
 		}
 	}
 	s.mu.Lock()
-	p.status, p.exitStatus = tasktypes.Status_STOPPED, status
-	for _, c := range []io.WriteCloser{out, errw} {
-		if c != nil {
-			p.outputs = append(p.outputs, c)
-		}
-	}
+	p.status, p.exitStatus, p.exitedAt = tasktypes.Status_STOPPED, status, timestamppb.Now()
+	exitedAt := p.exitedAt
+	p.outputs = closers
 	s.mu.Unlock()
 	close(p.exited)
-	publishExit(id, execID, status)
+	publishExit(id, execID, status, exitedAt)
+}
+
+// openFakeOutputs opens a process's stdout and stderr as the shim does: a
+// file:// URI is opened once for both streams, framed (pkg/logfile) with
+// format=framed; anything else is a FIFO path. It returns what to close
+// when the process is deleted.
+func openFakeOutputs(stdout, stderr string) (out, errw io.Writer, closers []io.Closer) {
+	if u, err := url.Parse(stdout); err == nil && u.Scheme == "file" {
+		f, err := os.OpenFile(u.Path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, nil, nil
+		}
+		out, errw = f, f
+		if u.Query().Get("format") == "framed" {
+			out, errw = logfile.NewWriters(f)
+		}
+		if stderr == "" {
+			errw = nil
+		}
+		return out, errw, []io.Closer{f}
+	}
+	open := func(path string) io.Writer {
+		if path == "" {
+			return nil
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			return nil
+		}
+		closers = append(closers, f)
+		return f
+	}
+	return open(stdout), open(stderr), closers
 }
 
 // publishExit forwards a TaskExit to TTRPC_ADDRESS, best effort.
-func publishExit(id, execID string, status uint32) {
+func publishExit(id, execID string, status uint32, exitedAt *timestamppb.Timestamp) {
 	conn, err := net.Dial("unix", os.Getenv("TTRPC_ADDRESS"))
 	if err != nil {
 		return
@@ -329,7 +365,7 @@ func publishExit(id, execID string, status uint32) {
 	if execID != "" {
 		pid = execID
 	}
-	ev, _ := anypb.New(&eventtypes.TaskExit{ContainerID: id, ID: pid, ExitStatus: status, ExitedAt: timestamppb.Now()})
+	ev, _ := anypb.New(&eventtypes.TaskExit{ContainerID: id, ID: pid, ExitStatus: status, ExitedAt: exitedAt})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	eventsapi.NewTTRPCEventsClient(c).Forward(ctx, &eventsapi.ForwardRequest{Envelope: &types.Envelope{
@@ -349,7 +385,7 @@ func (s *fakeTask) Wait(ctx context.Context, r *taskapi.WaitRequest) (*taskapi.W
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return &taskapi.WaitResponse{ExitStatus: p.exitStatus, ExitedAt: timestamppb.Now()}, nil
+	return &taskapi.WaitResponse{ExitStatus: p.exitStatus, ExitedAt: p.exitedAt}, nil
 }
 
 func (s *fakeTask) Kill(ctx context.Context, r *taskapi.KillRequest) (*emptypb.Empty, error) {
@@ -383,8 +419,12 @@ func (s *fakeTask) Delete(ctx context.Context, r *taskapi.DeleteRequest) (*taska
 	for _, c := range p.outputs {
 		c.Close()
 	}
+	at := p.exitedAt
+	if at == nil {
+		at = timestamppb.Now() // never started
+	}
 	delete(s.procs, r.ExecID)
-	return &taskapi.DeleteResponse{ExitStatus: p.exitStatus, ExitedAt: timestamppb.Now()}, nil
+	return &taskapi.DeleteResponse{ExitStatus: p.exitStatus, ExitedAt: at}, nil
 }
 
 func (s *fakeTask) State(ctx context.Context, r *taskapi.StateRequest) (*taskapi.StateResponse, error) {
@@ -394,7 +434,7 @@ func (s *fakeTask) State(ctx context.Context, r *taskapi.StateRequest) (*taskapi
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return &taskapi.StateResponse{ID: r.ID, ExecID: r.ExecID, Pid: uint32(os.Getpid()), Status: p.status, ExitStatus: p.exitStatus}, nil
+	return &taskapi.StateResponse{ID: r.ID, ExecID: r.ExecID, Pid: uint32(os.Getpid()), Status: p.status, ExitStatus: p.exitStatus, ExitedAt: p.exitedAt}, nil
 }
 
 func (s *fakeTask) Exec(ctx context.Context, r *taskapi.ExecProcessRequest) (*emptypb.Empty, error) {

@@ -99,40 +99,41 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// testBox is a box created through the fake shim with its stdio relayed.
+// testBox is a box created through the fake shim, its output going to a
+// framed log in its directory as the Service's boxes' does.
 type testBox struct {
 	*Box
-	fifos          *FIFOs
-	stdout, stderr *syncBuffer
 }
 
 func createBox(t *testing.T, m *Manager, name string, args ...string) *testBox {
 	t.Helper()
-	tb := &testBox{stdout: &syncBuffer{}, stderr: &syncBuffer{}}
-	id := NewID()
 	box, err := m.Create(context.Background(), CreateOptions{
-		ID: id, Name: name, Spec: BoxSpec{Args: args, Rootfs: newTestRootfs(t)},
-		Stdio: func(dir string) (Stdio, error) {
-			f, err := NewFIFOs(dir, id, nil, tb.stdout, tb.stderr, false)
-			if err != nil {
-				return Stdio{}, err
-			}
-			tb.fifos = f
-			return f.Stdio(), nil
-		},
+		Name: name, Spec: BoxSpec{Args: args, Rootfs: newTestRootfs(t)},
+		Stdio: func(dir string) (Stdio, error) { return boxStdio(dir, "box", false, false) },
 	})
 	if err != nil {
 		t.Fatalf("create: %v", err)
 	}
-	tb.Box = box
-	t.Cleanup(func() {
-		tb.fifos.Close()
-		box.Close()
-	})
-	return tb
+	t.Cleanup(func() { box.Close() })
+	return &testBox{Box: box}
 }
 
-func TestRunRelaysOutputAndRecordsTheExit(t *testing.T) {
+// readOutput returns what the framed log a Stdio's stdout names holds, by
+// stream.
+func readOutput(t *testing.T, stdout string) (string, string) {
+	t.Helper()
+	path := logPathOf(stdout)
+	if path == "" {
+		t.Fatalf("stdout %q is not a framed log", stdout)
+	}
+	var out, errOut syncBuffer
+	if err := readLog(context.Background(), path, time.Time{}, false, nil, &out, &errOut); err != nil {
+		t.Fatalf("read log: %v", err)
+	}
+	return out.String(), errOut.String()
+}
+
+func TestRunLogsOutputByStreamAndRecordsTheExit(t *testing.T) {
 	m := newTestManager(t)
 	b := createBox(t, m, "", "exit", "3")
 	ctx := context.Background()
@@ -149,11 +150,9 @@ func TestRunRelaysOutputAndRecordsTheExit(t *testing.T) {
 	if err := b.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !b.fifos.Wait(10 * time.Second) {
-		t.Fatal("output never reached EOF")
-	}
-	if b.stdout.String() != "bye\n" || b.stderr.String() != "oops\n" {
-		t.Errorf("stdout %q, stderr %q: want bye and oops, kept apart", b.stdout, b.stderr)
+	// The log outlives the shim.
+	if stdout, stderr := readOutput(t, b.Record().Stdout); stdout != "bye\n" || stderr != "oops\n" {
+		t.Errorf("stdout %q, stderr %q: want bye and oops, kept apart", stdout, stderr)
 	}
 	rec, err := m.Store().Get(b.ID())
 	if err != nil {
@@ -242,13 +241,11 @@ func TestExecRunsInTheBoxWithItsOwnExitCode(t *testing.T) {
 	if _, err := b.Start(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
-	var out, errOut syncBuffer
-	fifos, err := NewFIFOs(b.Dir(), "exec-1", nil, &out, &errOut, false)
+	st, err := boxStdio(b.Dir(), "exec-1", false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer fifos.Close()
-	if err := b.Exec(ctx, "exec-1", ExecSpec{Args: []string{"exit", "5"}}, fifos.Stdio()); err != nil {
+	if err := b.Exec(ctx, "exec-1", ExecSpec{Args: []string{"exit", "5"}}, st); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := b.Start(ctx, "exec-1"); err != nil {
@@ -261,8 +258,11 @@ func TestExecRunsInTheBoxWithItsOwnExitCode(t *testing.T) {
 	if err := b.DeleteExec(ctx, "exec-1"); err != nil {
 		t.Fatal(err)
 	}
-	if !fifos.Wait(10*time.Second) || out.String() != "bye\n" {
-		t.Errorf("exec stdout %q", out.String())
+	if stdout, stderr := readOutput(t, st.Stdout); stdout != "bye\n" || stderr != "oops\n" {
+		t.Errorf("exec stdout %q, stderr %q: want bye and oops", stdout, stderr)
+	}
+	if stdout, _ := readOutput(t, b.Record().Stdout); stdout != "" {
+		t.Errorf("the exec's output reached the box's log: %q", stdout)
 	}
 	if st := b.Record().Status; st != StatusRunning {
 		t.Errorf("box %s after exec, want running", st)
@@ -335,7 +335,7 @@ func TestADeadShimMeansStoppedWith137AndNoStaleFiles(t *testing.T) {
 		t.Errorf("stale shim socket left: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(b.Dir(), ioDirName)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("stale FIFOs left: %v", err)
+		t.Errorf("stale io directory (FIFOs) left: %v", err)
 	}
 	b2, err := m.Get(ctx, rec.ID)
 	if err != nil {
@@ -442,49 +442,6 @@ func TestCreateRejectsBadInputBeforeStartingAnything(t *testing.T) {
 				t.Errorf("%d records, want only the first box", len(recs))
 			}
 		})
-	}
-}
-
-func TestAnExitEventUpdatesTheRecord(t *testing.T) {
-	m := newTestManager(t)
-	exits := make(chan Event, 4)
-	stop, _ := m.ServeEvents(func(ev Event) {
-		if ev.Exited {
-			exits <- ev
-		}
-	})
-	defer stop()
-	b := createBox(t, m, "", "sleep")
-	ctx := context.Background()
-	if _, err := b.Start(ctx, ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Kill(ctx, "", syscall.SIGKILL, false); err != nil {
-		t.Fatal(err)
-	}
-	// Nobody waits: only the shim's TaskExit tells the store.
-	select {
-	case ev := <-exits:
-		if ev.ID != b.ID() || ev.ExitStatus != 137 || ev.Topic != "/tasks/exit" {
-			t.Errorf("event %+v", ev)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no exit event")
-	}
-	rec, err := m.Store().Get(b.ID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rec.Status != StatusStopped || rec.ExitStatus != 137 {
-		t.Errorf("record %s %d, want stopped 137", rec.Status, rec.ExitStatus)
-	}
-	b2, err := m.Get(ctx, b.ID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b2.Close()
-	if err := b2.Remove(ctx, false); err != nil {
-		t.Fatal(err)
 	}
 }
 

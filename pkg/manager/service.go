@@ -67,8 +67,8 @@ type Service struct {
 
 	// mu guards watching and stdins.
 	mu sync.Mutex
-	// watching maps a box id to the stop of its shim watch. Guarded by mu.
-	watching map[string]func()
+	// watching maps a box id to the watch on its shim. Guarded by mu.
+	watching map[string]*shimWatch
 	// stdins holds the write end of the stdin FIFO of each box created
 	// with OpenStdin, until its first attach takes it. The shim opens its
 	// end during Create and gives up if no writer is there, so the writer
@@ -87,7 +87,7 @@ func NewService(cfg ServiceConfig) (*Service, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Service{m: m, daemon: cfg.Daemon, bus: newEventBus(), ctx: ctx, cancel: cancel, watching: map[string]func(){}, stdins: map[string]io.WriteCloser{}}
+	s := &Service{m: m, daemon: cfg.Daemon, bus: newEventBus(), ctx: ctx, cancel: cancel, watching: map[string]*shimWatch{}, stdins: map[string]io.WriteCloser{}}
 	es, err := ServeEvents(m.store, s.onEvent)
 	switch {
 	case err == nil:
@@ -111,8 +111,8 @@ func (s *Service) Manager() *Manager { return s.m }
 func (s *Service) Close() error {
 	s.cancel()
 	s.mu.Lock()
-	for id, stop := range s.watching {
-		stop()
+	for id, w := range s.watching {
+		w.close()
 		delete(s.watching, id)
 	}
 	for id, w := range s.stdins {
@@ -144,40 +144,72 @@ func (s *Service) recover() {
 	log.L.WithField("boxes", len(recs)).Info("recovered boxes")
 }
 
+// shimWatch is a daemon's watch on one box's shim.
+type shimWatch struct {
+	// release releases the reaper's watch.
+	release func()
+	// unwatched is closed when the watch is dropped: its goroutine ends.
+	unwatched chan struct{}
+}
+
+// close ends the watch. It is called once, by whoever removes the watch
+// from watching (holding mu).
+func (w *shimWatch) close() {
+	w.release()
+	close(w.unwatched)
+}
+
 // watchShim makes a daemon notice the death of box r's shim at once.
 func (s *Service) watchShim(r Record) {
 	if !s.daemon || r.ShimPid <= 0 {
 		return
 	}
-	exited, stop, err := reaper.Default().Watch(r.ShimIdentity())
+	exited, release, err := reaper.Default().Watch(r.ShimIdentity())
 	if err != nil {
 		log.L.WithError(err).WithField("id", r.ID).Warn("cannot watch shim")
 		return
 	}
+	w := &shimWatch{release: release, unwatched: make(chan struct{})}
 	s.mu.Lock()
 	if old, ok := s.watching[r.ID]; ok {
-		old()
+		old.close()
 	}
-	s.watching[r.ID] = stop
+	s.watching[r.ID] = w
 	s.mu.Unlock()
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		select {
 		case <-exited:
-			s.shimExited(r.ID, r.ShimPid)
+			// Unless Stop or Remove, which reap the shim themselves,
+			// dropped the watch first.
+			if s.dropWatch(r.ID, w) {
+				s.shimExited(r.ID, r.ShimPid)
+			}
+		case <-w.unwatched:
 		case <-s.ctx.Done():
 		}
 	}()
+}
+
+// dropWatch ends the watch on box id's shim if it is w (any watch when w
+// is nil) and reports whether it was.
+func (s *Service) dropWatch(id string, w *shimWatch) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur, ok := s.watching[id]
+	if !ok || w != nil && cur != w {
+		return false
+	}
+	delete(s.watching, id)
+	cur.close()
+	return true
 }
 
 // shimExited handles the death of a box's shim (reaped already when it was
 // our child): if the box was not being torn down, its VM is cleaned up, it
 // is marked stopped with 137 and an exit event says so.
 func (s *Service) shimExited(id string, pid int) {
-	s.mu.Lock()
-	delete(s.watching, id)
-	s.mu.Unlock()
 	before, err := s.m.store.Get(id)
 	if err != nil || before.ShimPid != pid {
 		return // removed, or torn down and restarted meanwhile
@@ -236,7 +268,7 @@ func (e Event) API() api.Event {
 // API is the record as the API and boxlite inspect show it.
 func (r Record) API() api.Box {
 	b := api.Box{
-		ID: r.ID, Name: r.Name, Bundle: r.Bundle, Rootfs: r.Rootfs, Command: r.Command,
+		ID: r.ID, Name: r.Name, Image: r.Image, Bundle: r.Bundle, Rootfs: r.Rootfs, Command: r.Command,
 		Terminal: r.Terminal, Stdin: r.Stdin, Stdout: r.Stdout, Stderr: r.Stderr,
 		ShimAddress: r.ShimAddress, ShimPid: r.ShimPid, ShimStartTime: r.ShimStartTime,
 		VMMPid: r.VMMPid, VMMStartTime: r.VMMStartTime, TaskPid: r.TaskPid,
@@ -387,8 +419,15 @@ func (s *Service) Stop(ctx context.Context, ref string, req api.StopRequest) err
 			log.G(ctx).WithError(err).WithField("id", r.ID).Debug("stop: killing")
 		}
 	}
-	// Teardown SIGKILLs whatever still runs, through the one kill path.
-	return b.teardown(context.WithoutCancel(ctx), true)
+	// Teardown SIGKILLs whatever still runs, through the one kill path,
+	// and reaps the shim itself: a daemon's watch must not take its exit
+	// for a death and clean up after it meanwhile.
+	s.dropWatch(b.ID(), nil)
+	if err := b.teardown(context.WithoutCancel(ctx), true); err != nil {
+		s.rewatch(b.ID())
+		return err
+	}
+	return nil
 }
 
 // Kill sends a signal to the box's process.
@@ -416,21 +455,21 @@ func (s *Service) Remove(ctx context.Context, ref string, force bool) error {
 	if w := s.takeStdin(id); w != nil {
 		w.Close()
 	}
-	s.mu.Lock()
-	if stop, ok := s.watching[id]; ok {
-		// The teardown reaps the shim itself.
-		stop()
-		delete(s.watching, id)
-	}
-	s.mu.Unlock()
+	// The teardown reaps the shim itself.
+	s.dropWatch(id, nil)
 	err = b.Remove(context.WithoutCancel(ctx), force)
 	if err != nil {
-		// Still there (a shim that could not be reaped): keep watching.
-		if r, gerr := s.m.store.Get(id); gerr == nil {
-			s.watchShim(*r)
-		}
+		s.rewatch(id)
 	}
 	return err
+}
+
+// rewatch watches box id's shim again after a teardown that failed (one
+// that could not be reaped is still there).
+func (s *Service) rewatch(id string) {
+	if r, err := s.m.store.Get(id); err == nil {
+		s.watchShim(*r)
+	}
 }
 
 // mkfifo makes a FIFO at path, replacing any file there.
