@@ -14,11 +14,25 @@ PACKAGES=(
 	# networking: CNI plugins (bridge, host-local, portmap) for nerdctl and
 	# CRI, iptables for the bridge and portmap plugins, iperf3 for make bench
 	containernetworking-plugins iptables iperf3
+	# images: pkg/image's tests pull from a docker-registry they start on
+	# 127.0.0.1 (its packaged service is not needed)
+	docker-registry
 	# critest's images want Debian's dynamically linked busybox, which
 	# conflicts with busybox-static: scripts/critest-images.sh fetches it
 	# with apt-get download instead of installing it (dpkg-deb, ldd). The
 	# critest harness runs nsenter and critest runs ipcmk (util-linux).
 )
+
+# stop_registry_service stops and disables the docker-registry service that
+# Debian's package starts: the tests start their own registries on free ports
+# of 127.0.0.1, and the packaged one would hold :5000 for nothing (and keep a
+# daemon running on every test machine).
+stop_registry_service() {
+	if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+		echo "setup: stopping and disabling the packaged docker-registry service"
+		systemctl disable --now docker-registry 2>/dev/null || true
+	fi
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -29,6 +43,9 @@ done
 
 if ((${#missing[@]} == 0)); then
 	echo "setup: all ${#PACKAGES[@]} packages present"
+	if [[ $(id -u) -eq 0 ]]; then
+		stop_registry_service
+	fi
 	exit 0
 fi
 
@@ -41,3 +58,4 @@ echo "setup: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
+stop_registry_service

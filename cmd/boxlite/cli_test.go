@@ -28,7 +28,7 @@ func TestBadCommandLinesAreOneLineUsageErrors(t *testing.T) {
 		want string
 	}{
 		{"unknown flag", []string{"run", "--bogus"}, "run: flag provided but not defined: -bogus (see 'boxlite run -h')"},
-		{"no rootfs", []string{"run", "--state", st, "--", "true"}, "run: --rootfs DIR is required"},
+		{"no image or rootfs", []string{"run", "--state", st}, "run: give an IMAGE [CMD...], or --rootfs DIR -- CMD [ARGS...]"},
 		{"no command", []string{"run", "--state", st, "--rootfs", st}, "run: no command given"},
 		{"detach and interactive", []string{"run", "--state", st, "-d", "-i", "--rootfs", st, "--", "true"}, "-d cannot be combined"},
 		{"bad memory", []string{"run", "--state", st, "--memory", "lots", "--rootfs", st, "--", "true"}, `invalid memory size "lots"`},
@@ -40,6 +40,8 @@ func TestBadCommandLinesAreOneLineUsageErrors(t *testing.T) {
 		{"rm without box", []string{"rm", "--state", st}, "rm: no box given"},
 		{"exec without command", []string{"exec", "--state", st, "x"}, "exec: no command given"},
 		{"inspect bad template", []string{"inspect", "--state", st, "--format", "{{.Nope", "x"}, "inspect: --format"},
+		{"image without subcommand", []string{"image"}, "image: want pull REF, load FILE.tar, ls or rm REF..."},
+		{"image load without file", []string{"image", "load", "--state", st}, "image load: one tarball, please"},
 		{"ps with argument", []string{"ps", "--state", st, "extra"}, `ps: unexpected argument "extra"`},
 	}
 	for _, tt := range tests {

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/boxlite/boxlite/pkg/api"
 	"github.com/boxlite/boxlite/pkg/health"
 	"github.com/boxlite/boxlite/pkg/manager"
@@ -39,7 +41,7 @@ var healthFlags = []struct{ flag, annotation, usage string }{
 
 // addBoxFlags adds the flags of a new box to fs.
 func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
-	fs.StringVar(&o.rootfs, "rootfs", "", "root filesystem directory of the box (required)")
+	fs.StringVar(&o.rootfs, "rootfs", "", "root filesystem directory of the box, instead of an IMAGE")
 	fs.Var(&o.env, "e", "set an environment variable K=V (repeatable)")
 	fs.StringVar(&o.workdir, "w", "", "working directory in the box (default /)")
 	fs.StringVar(&o.user, "u", "", "UID[:GID] (or a user name from the rootfs) to run as")
@@ -102,11 +104,25 @@ func (o *boxOptions) healthSettings(cmd string, req *api.CreateRequest) error {
 // daemon's is not the user's); everything else is checked by the manager,
 // for the CLI and the REST API alike.
 func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdin bool) (api.CreateRequest, error) {
-	if len(argv) == 0 {
-		return api.CreateRequest{}, usageErrorf(cmd, "no command given: boxlite %s --rootfs DIR -- CMD [ARGS...]", cmd)
-	}
+	var req api.CreateRequest
 	if o.rootfs == "" {
-		return api.CreateRequest{}, usageErrorf(cmd, "--rootfs DIR is required")
+		// boxlite run [flags] IMAGE [--] [CMD [ARGS...]]
+		if len(argv) == 0 {
+			return req, usageErrorf(cmd, "give an IMAGE [CMD...], or --rootfs DIR -- CMD [ARGS...]")
+		}
+		req.Image, argv = argv[0], argv[1:]
+		if len(argv) > 0 && argv[0] == "--" {
+			argv = argv[1:]
+		}
+	} else {
+		if len(argv) == 0 {
+			return req, usageErrorf(cmd, "no command given: boxlite %s --rootfs DIR -- CMD [ARGS...]", cmd)
+		}
+		abs, err := filepath.Abs(o.rootfs)
+		if err != nil {
+			return req, err
+		}
+		req.Rootfs = abs
 	}
 	mem, err := parseMemory(o.memory)
 	if o.memory != "" && err != nil {
@@ -115,13 +131,8 @@ func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdi
 	if o.cpus < 0 {
 		return api.CreateRequest{}, usageErrorf(cmd, "--cpus must be positive")
 	}
-	req := api.CreateRequest{
-		Cmd: argv, Env: o.env, Cwd: o.workdir, User: o.user, Memory: mem, CPUs: o.cpus,
-		Network: o.network, Ports: o.ports, Name: o.name, TTY: terminal, OpenStdin: openStdin,
-	}
-	if req.Rootfs, err = filepath.Abs(o.rootfs); err != nil {
-		return api.CreateRequest{}, err
-	}
+	req.Cmd, req.Env, req.Cwd, req.User, req.Memory, req.CPUs = argv, o.env, o.workdir, o.user, mem, o.cpus
+	req.Network, req.Ports, req.Name, req.TTY, req.OpenStdin = o.network, o.ports, o.name, terminal, openStdin
 	if err := o.healthSettings(cmd, &req); err != nil {
 		return api.CreateRequest{}, err
 	}
@@ -134,15 +145,17 @@ func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdi
 		}
 	}
 	for _, v := range o.volumes {
-		host, rest, ok := strings.Cut(v, ":")
-		if !ok || host == "" {
-			return api.CreateRequest{}, usageErrorf(cmd, "-v %q: want HOSTPATH:BOXPATH[:ro|rw]", v)
-		}
-		abs, err := filepath.Abs(host)
+		// Resolved against the CLI's directory and checked here: a
+		// daemon's working directory is not the user's.
+		vol, err := manager.ParseVolume(v)
 		if err != nil {
-			return api.CreateRequest{}, err
+			return api.CreateRequest{}, usageErrorf(cmd, "-v: %v", err)
 		}
-		req.Volumes = append(req.Volumes, abs+":"+rest)
+		spec := vol.Source + ":" + vol.Destination
+		if vol.ReadOnly {
+			spec += ":ro"
+		}
+		req.Volumes = append(req.Volumes, spec)
 	}
 	for _, l := range o.labels {
 		k, v, _ := strings.Cut(l, "=")
@@ -164,7 +177,7 @@ func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdi
 func runRun(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
 	var rm, detach, interactive, tty bool
-	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "run", "run [--rm] [-d] [-i] [-t] [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] (IMAGE [CMD [ARGS...]] | --rootfs DIR -- CMD [ARGS...])")
 	addBoxFlags(env, fs, &o)
 	fs.BoolVar(&rm, "rm", false, "remove the box when its process exits")
 	fs.BoolVar(&detach, "d", false, "print the box id and leave it running (its output: boxlite logs ID)")
@@ -216,6 +229,9 @@ func runRun(ctx context.Context, env *cliEnv, args []string) error {
 	} else {
 		terr = boxes.Stop(wctx, id, api.StopRequest{})
 	}
+	if errdefs.IsNotFound(terr) {
+		terr = nil // removed meanwhile (rm --force from elsewhere)
+	}
 	switch {
 	case err != nil:
 		return joinErrors(err, terr)
@@ -234,7 +250,7 @@ func runRun(ctx context.Context, env *cliEnv, args []string) error {
 // runCreate creates a box without starting its process and prints its id.
 func runCreate(ctx context.Context, env *cliEnv, args []string) error {
 	var o boxOptions
-	fs := newFlagSet(env, "create", "create [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] --rootfs DIR -- CMD [ARGS...]")
+	fs := newFlagSet(env, "create", "create [--name N] [-l K=V] [-e K=V] [-w DIR] [-u UID[:GID]] [--memory M] [--cpus N] [--network user|none|netns:PATH] [-p [IP:]HOST:BOX] [-v HOST:BOX[:ro]] [--no-health-check | --health-interval D ...] (IMAGE [CMD [ARGS...]] | --rootfs DIR -- CMD [ARGS...])")
 	addBoxFlags(env, fs, &o)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
@@ -275,6 +291,10 @@ func runStart(ctx context.Context, env *cliEnv, args []string) error {
 	if err := boxes.Start(ctx, ref); err != nil {
 		return err
 	}
-	fmt.Fprintln(env.stdout, ref)
+	b, err := boxes.Inspect(ctx, ref)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(env.stdout, b.ID)
 	return nil
 }

@@ -48,8 +48,23 @@ type Boxes interface {
 	Exec(ctx context.Context, ref string, req ExecRequest, stdio Stdio) (Exit, error)
 	// Events calls fn for each event of every box until ctx ends.
 	Events(ctx context.Context, fn func(Event)) error
+	// Images are the images boxes run.
+	Images
 	// Close releases what the implementation holds.
 	Close() error
+}
+
+// Images is what can be done to the images boxes run.
+type Images interface {
+	// PullImage fetches an image by reference (docker.io/library/busybox
+	// for "busybox"; plain HTTP only for loopback registries).
+	PullImage(ctx context.Context, ref string) (Image, error)
+	// LoadImages imports an OCI image layout or docker-save tarball.
+	LoadImages(ctx context.Context, r io.Reader) ([]Image, error)
+	// ListImages lists the images, by name.
+	ListImages(ctx context.Context) ([]Image, error)
+	// RemoveImage removes an image; one a box uses is refused.
+	RemoveImage(ctx context.Context, ref string) error
 }
 
 // Stdio is the caller's side of a process's stdio during Attach or Exec.

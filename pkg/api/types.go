@@ -207,3 +207,33 @@ func (e Event) String() string {
 	}
 	return strings.Join(parts, " ")
 }
+
+// Image is an image in the daemon's store: GET /v1/images.
+type Image struct {
+	// Name is the normalised reference, e.g. docker.io/library/busybox:latest.
+	Name string `json:"name"`
+	// Digest is the digest of its manifest.
+	Digest string `json:"digest"`
+	// Size is the bytes of its content as fetched (compressed layers).
+	Size int64 `json:"size"`
+	// Created is when it was built, if its config says.
+	Created time.Time `json:"created,omitzero"`
+	// Config is what it runs unless told otherwise.
+	Config ImageConfig `json:"config"`
+	// Layers counts its layers.
+	Layers int `json:"layers"`
+}
+
+// ImageConfig is the part of an image's config a box uses.
+type ImageConfig struct {
+	Entrypoint []string `json:"entrypoint,omitempty"`
+	Cmd        []string `json:"cmd,omitempty"`
+	Env        []string `json:"env,omitempty"`
+	WorkingDir string   `json:"working_dir,omitempty"`
+	User       string   `json:"user,omitempty"`
+}
+
+// PullRequest is the body of POST /v1/images/pull.
+type PullRequest struct {
+	Ref string `json:"ref"`
+}

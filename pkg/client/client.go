@@ -123,7 +123,10 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 // its body); an error status becomes the body's *api.Error.
 func (c *Client) send(ctx context.Context, method, path string, query url.Values, body any, hdr http.Header) (*http.Response, error) {
 	var rd io.Reader
-	if body != nil {
+	contentType := "application/json"
+	if raw, ok := body.(rawBody); ok {
+		rd, contentType = raw.r, raw.contentType
+	} else if body != nil {
 		data, err := json.Marshal(body)
 		if err != nil {
 			return nil, err
@@ -142,7 +145,7 @@ func (c *Client) send(ctx context.Context, method, path string, query url.Values
 		req.Header[k] = v
 	}
 	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", contentType)
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
@@ -410,4 +413,43 @@ func (c *Client) Events(ctx context.Context, fn func(api.Event)) error {
 		return fmt.Errorf("events stream: %w", err)
 	}
 	return errors.New("the daemon closed the events stream")
+}
+
+// PullImage pulls an image into the daemon's store.
+func (c *Client) PullImage(ctx context.Context, ref string) (api.Image, error) {
+	var img api.Image
+	err := c.do(ctx, "POST", "/v1/images/pull", nil, api.PullRequest{Ref: ref}, &img)
+	return img, err
+}
+
+// LoadImages uploads an OCI layout or docker-save tarball.
+func (c *Client) LoadImages(ctx context.Context, r io.Reader) ([]api.Image, error) {
+	resp, err := c.send(ctx, "POST", "/v1/images/load", nil, rawBody{r, "application/x-tar"}, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var imgs []api.Image
+	if err := json.NewDecoder(resp.Body).Decode(&imgs); err != nil {
+		return nil, fmt.Errorf("POST /v1/images/load: decoding the answer: %w", err)
+	}
+	return imgs, nil
+}
+
+// ListImages lists the daemon's images.
+func (c *Client) ListImages(ctx context.Context) ([]api.Image, error) {
+	var imgs []api.Image
+	err := c.do(ctx, "GET", "/v1/images", nil, nil, &imgs)
+	return imgs, err
+}
+
+// RemoveImage removes an image.
+func (c *Client) RemoveImage(ctx context.Context, ref string) error {
+	return c.do(ctx, "DELETE", "/v1/images/"+url.PathEscape(ref), nil, nil, nil)
+}
+
+// rawBody is a request body sent as it is, not as JSON.
+type rawBody struct {
+	r           io.Reader
+	contentType string
 }

@@ -12,7 +12,6 @@ import (
 	taskapi "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
-	"github.com/containerd/log"
 
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
@@ -36,6 +35,8 @@ type Manager struct {
 	// shimErr says why no shim binary was found; it is reported only when
 	// a shim is needed.
 	shimErr error
+	// imgs is the image store, opened on first use.
+	imgs imageStore
 }
 
 // New opens the state directory and finds the shim binary. It makes the
@@ -71,21 +72,6 @@ func New(cfg Config) (*Manager, error) {
 	return m, nil
 }
 
-// ServeEvents serves the events socket from this process while it drives
-// shims, unless another process already does (serving says which); stop
-// ends it. Events are recorded in the store and passed to handler (may be
-// nil).
-func (m *Manager) ServeEvents(handler func(Event)) (stop func(), serving bool) {
-	es, err := ServeEvents(m.store, handler)
-	if err != nil {
-		if !errors.Is(err, ErrEventsBusy) {
-			log.L.WithError(err).Debug("not serving events")
-		}
-		return func() {}, false
-	}
-	return func() { es.Close() }, true
-}
-
 // Store is the manager's state directory.
 func (m *Manager) Store() *Store { return m.store }
 
@@ -108,6 +94,10 @@ type CreateOptions struct {
 	// OpenStdin gives the process a stdin FIFO that the first attach
 	// writes to (Service's stdio; ignored when Stdio is set).
 	OpenStdin bool
+	// Image names an image to run instead of Spec.Rootfs: pulled if the
+	// store lacks it, its layers mounted as the box's rootfs, its config
+	// applied to Spec's process.
+	Image string
 	// Spec is the box's process and rootfs.
 	Spec BoxSpec
 	// Stdio returns the task's stdio, given the box's directory (where
@@ -120,11 +110,13 @@ type CreateOptions struct {
 // behind when it fails: the shim is shut down and reaped, the record and
 // bundle removed.
 func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr error) {
-	rootfs, err := checkRootfs(o.Spec.Rootfs)
-	if err != nil {
-		return nil, err
+	if o.Image == "" {
+		rootfs, err := checkRootfs(o.Spec.Rootfs)
+		if err != nil {
+			return nil, err
+		}
+		o.Spec.Rootfs = rootfs
 	}
-	o.Spec.Rootfs = rootfs
 	if m.shimErr != nil {
 		return nil, m.shimErr
 	}
@@ -132,7 +124,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 		o.ID = NewID()
 	}
 	rec := &Record{
-		ID: o.ID, Name: o.Name, Bundle: m.store.BundleDir(o.ID), Rootfs: rootfs,
+		ID: o.ID, Name: o.Name, Image: o.Image, Bundle: m.store.BundleDir(o.ID), Rootfs: o.Spec.Rootfs,
 		Command: o.Spec.Args, Terminal: o.Spec.Terminal, Status: StatusCreated,
 		Network: cmp.Or(o.Spec.Network, NetworkUser), Ports: o.Spec.Ports,
 		Labels: o.Labels, AutoRemove: o.AutoRemove, CreatedAt: time.Now().UTC(),
@@ -148,6 +140,15 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 			}
 		}
 	}()
+	if o.Image != "" {
+		name, err := m.mountImage(ctx, o.ID, o.Image, &o.Spec)
+		if err != nil {
+			return nil, err
+		}
+		if err := b.update(func(r *Record) { r.Image, r.Rootfs, r.Command = name, o.Spec.Rootfs, o.Spec.Args }); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.MkdirAll(rec.Bundle, 0o711); err != nil {
 		return nil, fmt.Errorf("bundle: %w", err)
 	}

@@ -24,13 +24,11 @@ func CreateOptionsFromRequest(req api.CreateRequest) (CreateOptions, error) {
 	switch {
 	case req.Image != "" && req.Rootfs != "":
 		return bad("give an image or a rootfs, not both")
-	case req.Image != "":
-		return bad("image %q: running images is not supported yet: give a rootfs directory", req.Image)
-	case req.Rootfs == "":
-		return bad("a rootfs directory is required")
-	case !filepath.IsAbs(req.Rootfs):
+	case req.Image == "" && req.Rootfs == "":
+		return bad("an image or a rootfs directory is required")
+	case req.Rootfs != "" && !filepath.IsAbs(req.Rootfs):
 		return bad("rootfs %q: the path must be absolute", req.Rootfs)
-	case len(req.Cmd) == 0:
+	case req.Rootfs != "" && len(req.Cmd) == 0:
 		return bad("no command given")
 	case req.CPUs < 0:
 		return bad("cpus must be positive")
@@ -70,6 +68,7 @@ func CreateOptionsFromRequest(req api.CreateRequest) (CreateOptions, error) {
 	return CreateOptions{
 		ID:         NewID(),
 		Name:       req.Name,
+		Image:      req.Image,
 		Labels:     maps.Clone(req.Labels),
 		AutoRemove: req.AutoRemove,
 		OpenStdin:  req.OpenStdin,

@@ -68,6 +68,9 @@ type Record struct {
 	ID string `json:"id"`
 	// Name is the optional unique name given with --name.
 	Name string `json:"name,omitempty"`
+	// Image is the image the box runs (its rootfs is the image's layers
+	// mounted with the box's own upper directory), or "".
+	Image string `json:"image,omitempty"`
 	// Bundle is the OCI bundle directory, the shim's working directory.
 	Bundle string `json:"bundle"`
 	// Rootfs is the absolute root filesystem directory (root.path).

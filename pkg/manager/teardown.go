@@ -92,6 +92,9 @@ func (b *Box) Remove(ctx context.Context, force bool) error {
 	if err := b.teardown(ctx, force); err != nil {
 		return err
 	}
+	if err := b.m.unmountImage(b.rec); err != nil {
+		return err
+	}
 	return b.m.store.Remove(b.rec.ID)
 }
 
@@ -108,6 +111,9 @@ func (b *Box) undo() error {
 		}
 	}
 	if err := b.teardown(ctx, true); err != nil {
+		return err
+	}
+	if err := b.m.unmountImage(b.rec); err != nil {
 		return err
 	}
 	return b.m.store.Remove(b.rec.ID)

@@ -45,6 +45,10 @@ func (s *Server) routes() []route {
 		{"POST", "/v1/boxes/{id}/attach", s.attach},
 		{"POST", "/v1/boxes/{id}/exec", s.exec},
 		{"GET", "/v1/events", s.events},
+		{"POST", "/v1/images/pull", s.pullImage},
+		{"POST", "/v1/images/load", s.loadImages},
+		{"GET", "/v1/images", s.listImages},
+		{"DELETE", "/v1/images/{name}", s.removeImage},
 	}
 }
 
@@ -415,4 +419,53 @@ func readClient(r *bufio.Reader, stdin *io.PipeWriter, stdinOpen bool, resize ch
 			}
 		}
 	}
+}
+
+func (s *Server) pullImage(w http.ResponseWriter, r *http.Request) {
+	var req api.PullRequest
+	if err := decode(w, r, &req, false); err != nil {
+		writeError(w, err)
+		return
+	}
+	if req.Ref == "" {
+		writeError(w, api.Errorf(api.CodeInvalidArgument, "ref is required"))
+		return
+	}
+	img, err := s.boxes.PullImage(r.Context(), req.Ref)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+// loadImages imports the tarball in the body (no size bound: images are
+// big; the store writes it to disk as it comes).
+func (s *Server) loadImages(w http.ResponseWriter, r *http.Request) {
+	imgs, err := s.boxes.LoadImages(r.Context(), r.Body)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, imgs)
+}
+
+func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
+	imgs, err := s.boxes.ListImages(r.Context())
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	if imgs == nil {
+		imgs = []api.Image{}
+	}
+	writeJSON(w, http.StatusOK, imgs)
+}
+
+func (s *Server) removeImage(w http.ResponseWriter, r *http.Request) {
+	if err := s.boxes.RemoveImage(r.Context(), r.PathValue("name")); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
