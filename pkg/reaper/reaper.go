@@ -130,13 +130,16 @@ func (r *Reaper) drain() {
 	}
 }
 
-// drainOwn reaps the registered processes that exited, one wait4 each,
-// and leaves every other child a zombie (FaultNoReapEnv).
+// drainOwn reaps the processes Start started that exited, one wait4
+// each, and leaves every other child a zombie, claimed or not
+// (FaultNoReapEnv).
 func (r *Reaper) drainOwn() {
 	r.mu.Lock()
 	pids := make([]int, 0, len(r.waiting))
-	for pid := range r.waiting {
-		pids = append(pids, pid)
+	for pid, p := range r.waiting {
+		if p.cmd != nil { // started, not claimed after reparenting
+			pids = append(pids, pid)
+		}
 	}
 	r.mu.Unlock()
 	for _, pid := range pids {
