@@ -116,9 +116,8 @@ func TestManagerDetachedBoxExecKillRm(t *testing.T) {
 	if row := m.psRow(id); row[2] != "stopped" || row[3] != "137" {
 		t.Fatalf("ps after kill: %q", row)
 	}
-	log, _ := os.ReadFile(filepath.Join(m.state, "boxes", id, "box.log"))
-	if string(log) != "started\n" {
-		t.Errorf("box.log %q", log)
+	if log := m.ok("logs", id); log != "started\n" {
+		t.Errorf("logs %q", log)
 	}
 	m.ok("rm", "svc")
 	if row := m.psRow(id); row != nil {
@@ -312,9 +311,8 @@ func TestManagerCreateThenStart(t *testing.T) {
 	if r := m.run(nil, "start", id); r.code == 0 || !strings.Contains(r.stderr, "only a created box can be started") {
 		t.Errorf("second start: %v", r)
 	}
-	log, _ := os.ReadFile(filepath.Join(m.state, "boxes", id, "box.log"))
-	if string(log) != "hi\n" {
-		t.Errorf("box.log %q", log)
+	if log := m.ok("logs", id); log != "hi\n" {
+		t.Errorf("logs %q", log)
 	}
 	m.ok("rm", id)
 }
