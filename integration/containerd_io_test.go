@@ -35,10 +35,25 @@ func TestContainerdLogURIFileReceivesOutput(t *testing.T) {
 	c := startContainerd(t)
 	for _, rt := range []string{runcRuntime, boxliteRuntime} {
 		t.Run(shortRuntime(rt), func(t *testing.T) {
-			logf := filepath.Join(c.dir, shortRuntime(rt)+".log")
-			r := c.runRm(t, rt, []string{"--log-uri", "file://" + logf}, "sh", "-c", "echo out; echo err >&2; exit 2")
-			data, _ := os.ReadFile(logf)
-			if r.code != 2 || sortedLines(string(data)) != "err\nout" || r.stdout != "" {
+			// containerd's runc shim now and then loses a stream of a
+			// process that exits at once ("error copying stderr" in its
+			// log, seen once in a CI run, 0 of 15 alone): the baseline gets
+			// three tries, boxlite one.
+			tries := 1
+			if rt == runcRuntime {
+				tries = 3
+			}
+			for i := 1; i <= tries; i++ {
+				logf := filepath.Join(c.dir, fmt.Sprintf("%s-%d.log", shortRuntime(rt), i))
+				r := c.runRm(t, rt, []string{"--log-uri", "file://" + logf}, "sh", "-c", "echo out; echo err >&2; exit 2")
+				data, _ := os.ReadFile(logf)
+				if r.code == 2 && sortedLines(string(data)) == "err\nout" && r.stdout == "" {
+					break
+				}
+				if i < tries {
+					t.Logf("%s, try %d: exit %d, ctr stdout %q, log %q: trying again", rt, i, r.code, r.stdout, data)
+					continue
+				}
 				t.Errorf("foreground: exit %d (want 2), ctr stdout %q, log %q", r.code, r.stdout, data)
 			}
 
