@@ -24,9 +24,14 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // rssKiB reads VmRSS of pid.
 func rssKiB(pid int) int {
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	return procKiB(fmt.Sprintf("/proc/%d/status", pid), "VmRSS:")
+}
+
+// procKiB reads the "key N kB" line of a /proc file, or 0.
+func procKiB(path, key string) int {
+	data, _ := os.ReadFile(path)
 	for _, l := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(l, "VmRSS:") {
+		if strings.HasPrefix(l, key) {
 			n, _ := strconv.Atoi(strings.Fields(l)[1])
 			return n
 		}

@@ -3,11 +3,8 @@ package integration
 import (
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -205,12 +202,5 @@ func execLatencies(b *testing.B, n int) []time.Duration {
 
 // pssKiB is a process's proportional set size.
 func pssKiB(pid int) int {
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
-	for _, l := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(l, "Pss:") {
-			n, _ := strconv.Atoi(strings.Fields(l)[1])
-			return n
-		}
-	}
-	return 0
+	return procKiB(fmt.Sprintf("/proc/%d/smaps_rollup", pid), "Pss:")
 }

@@ -95,26 +95,7 @@ func BenchmarkServe(b *testing.B) {
 		return
 	}
 	// Every box healthy: its probes answer.
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		boxes, err := c.List(ctx, api.ListFilter{Status: []string{"running"}})
-		if err != nil {
-			b.Fatal(err)
-		}
-		healthy := 0
-		for _, bx := range boxes {
-			if bx.Health == "healthy" {
-				healthy++
-			}
-		}
-		if healthy == serveBenchBoxes {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("%d of %d boxes healthy after 3 minutes", healthy, serveBenchBoxes)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitHealthy(b, c, serveBenchBoxes)
 	rss20 := rssKiB(d.Pid())
 	var shims []int
 	for _, id := range ids {

@@ -12,7 +12,7 @@ import (
 func runLogs(ctx context.Context, env *cliEnv, args []string) error {
 	fs := newFlagSet(env, "logs", "logs [-f] [--since TIME|DURATION] ID|NAME")
 	follow := fs.Bool("f", false, "follow the output until the box's process exits")
-	since := fs.String("since", "", "only output since an RFC 3339 time or a duration ago (10m)")
+	since := fs.String("since", "", "only output since an RFC 3339 time, Unix seconds or a duration ago (10m)")
 	state := stateFlag(env, fs)
 	if err := parseFlags(env, fs, args); err != nil {
 		return err
@@ -24,13 +24,11 @@ func runLogs(ctx context.Context, env *cliEnv, args []string) error {
 	var o api.LogsOptions
 	o.Follow = *follow
 	if *since != "" {
-		if t, err := time.Parse(time.RFC3339Nano, *since); err == nil {
-			o.Since = t
-		} else if d, err := time.ParseDuration(*since); err == nil && d >= 0 {
-			o.Since = time.Now().Add(-d)
-		} else {
-			return usageErrorf("logs", "--since %q: want an RFC 3339 time or a duration such as 10m", *since)
+		t, err := api.ParseSince(*since, time.Now())
+		if err != nil {
+			return usageErrorf("logs", "--%v", err)
 		}
+		o.Since = t
 	}
 	boxes, err := openBoxes(env, *state)
 	if err != nil {

@@ -237,3 +237,18 @@ type ImageConfig struct {
 type PullRequest struct {
 	Ref string `json:"ref"`
 }
+
+// ParseSince reads a "since" of logs: an RFC 3339 time, Unix seconds, or a
+// duration before now ("10m").
+func ParseSince(v string, now time.Time) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339Nano, v); err == nil {
+		return t, nil
+	}
+	if d, err := time.ParseDuration(v); err == nil && d >= 0 {
+		return now.Add(-d), nil
+	}
+	if f, err := strconv.ParseFloat(v, 64); err == nil && f >= 0 {
+		return time.Unix(0, int64(f*1e9)), nil
+	}
+	return time.Time{}, Errorf(CodeInvalidArgument, "since=%q: want an RFC 3339 time, Unix seconds or a duration such as 10m", v)
+}

@@ -21,14 +21,12 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	stop := context.AfterFunc(s.ctx, cancel)
 	defer stop()
-	started := false
 	// The first write tells the client the stream is open.
 	w.WriteHeader(http.StatusOK)
 	fmt.Fprint(w, ": boxlite events\n\n")
 	if rc.Flush() != nil {
 		return
 	}
-	started = true
 	err := s.boxes.Events(ctx, func(ev api.Event) {
 		data, err := json.Marshal(ev)
 		if err != nil {
@@ -39,7 +37,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 			cancel()
 		}
 	})
-	if err != nil && started && ctx.Err() == nil {
+	if err != nil && ctx.Err() == nil {
 		data, _ := json.Marshal(api.ErrorOf(err))
 		fmt.Fprintf(deadlineWriter{w: w, rc: rc}, "event: error\ndata: %s\n\n", data)
 	}

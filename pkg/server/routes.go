@@ -226,7 +226,7 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 		o.Follow = f
 	}
 	if v := q.Get("since"); v != "" {
-		t, err := parseSince(v, time.Now())
+		t, err := api.ParseSince(v, time.Now())
 		if err != nil {
 			writeError(w, err)
 			return
@@ -254,21 +254,6 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 		api.WriteFrame(out, api.FrameError, data)
 		mu.Unlock()
 	}
-}
-
-// parseSince accepts an RFC 3339 time, Unix seconds, or a duration before
-// now ("10m").
-func parseSince(v string, now time.Time) (time.Time, error) {
-	if t, err := time.Parse(time.RFC3339Nano, v); err == nil {
-		return t, nil
-	}
-	if d, err := time.ParseDuration(v); err == nil && d >= 0 {
-		return now.Add(-d), nil
-	}
-	if f, err := strconv.ParseFloat(v, 64); err == nil && f >= 0 {
-		return time.Unix(0, int64(f*1e9)), nil
-	}
-	return time.Time{}, api.Errorf(api.CodeInvalidArgument, "since=%q: want an RFC 3339 time, Unix seconds or a duration such as 10m", v)
 }
 
 func (s *Server) attach(w http.ResponseWriter, r *http.Request) {
