@@ -80,6 +80,9 @@ type Config struct {
 	ConsoleLogMax int64
 	// host overrides ProbeHost for tests.
 	host *Host
+	// clockArgs are the kernel parameters that keep the guest's clock
+	// right under the chosen accelerator (guestClockArgs); set by NewQEMU.
+	clockArgs []string
 }
 
 // classify attaches an errdefs class to err without changing its message.
@@ -105,8 +108,8 @@ func (c *Config) validate() error {
 			return invalid("kernel argument %q: one parameter per entry, without spaces", a)
 		}
 	}
-	if n := len(kernelCmdline(c.KernelArgs)); n > maxKernelCmdline {
-		return invalid("kernel command line is %d bytes: at most %d fit", n, maxKernelCmdline)
+	if n := len(kernelCmdline(c.KernelArgs)); n > maxKernelCmdline-clockArgsMax {
+		return invalid("kernel command line is %d bytes: at most %d fit", n, maxKernelCmdline-clockArgsMax)
 	}
 	bin, err := FindQEMU(c.QEMUBinary)
 	if err != nil {

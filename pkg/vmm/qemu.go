@@ -112,6 +112,7 @@ func NewQEMU(cfg Config) (*QEMU, error) {
 	if cfg.Accel == AccelAuto && accel == AccelTCG {
 		warnTCG(reason)
 	}
+	cfg.clockArgs = guestClockArgs(accel)
 	dir := cfg.StateDir
 	return &QEMU{
 		cfg:         cfg,

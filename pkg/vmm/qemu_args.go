@@ -51,7 +51,7 @@ func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
 		"-serial", "chardev:console",
 		"-kernel", c.Kernel,
 		"-initrd", c.Initrd,
-		"-append", kernelCmdline(c.KernelArgs),
+		"-append", kernelCmdline(append(append([]string(nil), c.clockArgs...), c.KernelArgs...)),
 		// multidevs=remap: the share holds bind mounts of other file
 		// systems (the rootfs, volumes), whose inode numbers would
 		// otherwise collide in the guest.
