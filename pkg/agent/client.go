@@ -7,6 +7,7 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -56,20 +57,42 @@ type Client struct {
 // Dial connects to the agent behind the unix socket path (QEMU's chardev
 // socket for the virtio-serial port) and waits until it answers Ping. ctx
 // bounds the whole wait, which includes the guest's boot.
+//
+// The ready ping carries host entropy: the guest reseeds its random number
+// generator with it, and runs no container before (a VM restored from a
+// template wakes with the template's generator state).
 func Dial(ctx context.Context, path string) (*Client, *api.PingResponse, error) {
+	return dialAgent(ctx, path, true)
+}
+
+// Probe waits, bounded by ctx, until the agent at path answers a ping, then
+// closes the connection. It sends no entropy: it is how a VM template is
+// seen ready, and what the template's guest holds every clone inherits.
+func Probe(ctx context.Context, path string) error {
+	c, _, err := dialAgent(ctx, path, false)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+func dialAgent(ctx context.Context, path string, seed bool) (*Client, *api.PingResponse, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial agent socket %s: %w", path, err)
 	}
 	c := newClient(conn)
-	resp, err := c.waitReady(ctx)
+	resp, err := c.waitReady(ctx, seed)
 	if err != nil {
 		c.Close()
 		return nil, nil, err
 	}
 	return c, resp, nil
 }
+
+// entropyBytes is how much host entropy the ready ping carries.
+const entropyBytes = 64
 
 // newClient wraps an established connection.
 func newClient(conn net.Conn) *Client {
@@ -122,7 +145,7 @@ func deadlineInterceptor(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Re
 // waitReady pings until the agent answers or ctx ends. A ping sent before
 // the guest opened its port stays buffered in the socket, so retries only
 // cover a lost message; a late answer to an earlier ping is ignored by ttrpc.
-func (c *Client) waitReady(ctx context.Context) (*api.PingResponse, error) {
+func (c *Client) waitReady(ctx context.Context, seed bool) (*api.PingResponse, error) {
 	for {
 		attempt, cancel := context.WithTimeout(ctx, pingAttempt)
 		resp, err := c.Ping(attempt, &api.PingRequest{})
@@ -131,11 +154,23 @@ func (c *Client) waitReady(ctx context.Context) (*api.PingResponse, error) {
 			// That ping may have waited in the socket while the guest
 			// booted: send the host's clock again, fresh, so the guest's
 			// exit times match the host's.
-			sctx, cancel := context.WithTimeout(ctx, pingAttempt)
-			if fresh, err := c.Ping(sctx, &api.PingRequest{HostTimeUnixNs: time.Now().UnixNano()}); err == nil {
-				resp = fresh
+			req := &api.PingRequest{HostTimeUnixNs: time.Now().UnixNano()}
+			if seed {
+				req.Entropy = make([]byte, entropyBytes)
+				if _, err := rand.Read(req.Entropy); err != nil {
+					return nil, fmt.Errorf("host entropy: %w", err)
+				}
 			}
+			sctx, cancel := context.WithTimeout(ctx, pingAttempt)
+			fresh, err := c.Ping(sctx, req)
 			cancel()
+			switch {
+			case err == nil:
+				resp = fresh
+			case seed:
+				// Without the reseed the guest runs no container.
+				return nil, fmt.Errorf("reseed the guest: %w", err)
+			}
 			return resp, nil
 		}
 		if perr := c.Err(); perr != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -26,6 +27,8 @@ type config struct {
 	cgroupRoot string
 	// bootTime is how long the guest took to start serving.
 	bootTime time.Duration
+	// reseedRequired makes Create wait for host entropy (WithReseedRequired).
+	reseedRequired bool
 }
 
 // Option configures an Agent.
@@ -81,6 +84,11 @@ type Agent struct {
 	stopped chan struct{}
 	// shutdownOnce runs Shutdown's work once.
 	shutdownOnce sync.Once
+	// reseeded says a ping with host entropy reseeded the guest's random
+	// number generator.
+	reseeded atomic.Bool
+	// reseed adds host entropy (the kernel's ioctls; replaced in tests).
+	reseed func([]byte) error
 
 	// shareMu guards shares.
 	shareMu sync.Mutex
@@ -113,7 +121,18 @@ func New(rt Runtime, r *reaper.Reaper, opts ...Option) (*Agent, error) {
 		stopped:    make(chan struct{}),
 		containers: map[string]*container{},
 		shares:     map[string]bool{},
+		reseed:     reseed,
 	}, nil
+}
+
+// Reseed adds host entropy to the guest's pool and reseeds its random
+// number generator; from then on Create runs containers.
+func (a *Agent) Reseed(b []byte) error {
+	if err := a.reseed(b); err != nil {
+		return err
+	}
+	a.reseeded.Store(true)
+	return nil
 }
 
 // Stopped is closed once Shutdown has done its work; the caller reboots.

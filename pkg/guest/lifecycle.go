@@ -28,6 +28,9 @@ func (a *Agent) Create(ctx context.Context, req *api.CreateContainerRequest) (_ 
 	if err := validateID("container id", id); err != nil {
 		return 0, err
 	}
+	if a.cfg.reseedRequired && !a.reseeded.Load() {
+		return 0, errNotReseeded
+	}
 	if err := a.reserve(id); err != nil {
 		return 0, err
 	}

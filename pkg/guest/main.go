@@ -75,7 +75,7 @@ func run() error {
 		return err
 	}
 	log.L.WithField("t", sinceBoot().Round(time.Millisecond)).Debug("found port")
-	agent, err := New(rt, r, WithBootTime(sinceBoot()))
+	agent, err := New(rt, r, WithBootTime(sinceBoot()), WithReseedRequired())
 	if err != nil {
 		return err
 	}

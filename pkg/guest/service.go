@@ -56,6 +56,11 @@ func (s *service) Ping(ctx context.Context, req *api.PingRequest) (*api.PingResp
 	if req.HostTimeUnixNs != 0 {
 		syncClock(time.Unix(0, req.HostTimeUnixNs))
 	}
+	if len(req.Entropy) > 0 {
+		if err := s.a.Reseed(req.Entropy); err != nil {
+			return nil, wire(ctx, "Ping", err)
+		}
+	}
 	return s.a.Ping(ctx), nil
 }
 

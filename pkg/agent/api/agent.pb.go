@@ -171,8 +171,14 @@ type PingRequest struct {
 	// when set, the guest steps its clock to it (the guest's RTC has
 	// one-second granularity, and exit times come from the guest clock).
 	HostTimeUnixNs int64 `protobuf:"varint,1,opt,name=host_time_unix_ns,json=hostTimeUnixNs,proto3" json:"host_time_unix_ns,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// entropy, when set, is random bytes from the host: the guest adds
+	// them to its pool and reseeds its random number generator before it
+	// answers. A VM restored from a template wakes with the template's
+	// generator state, shared by every clone; the agent runs no container
+	// until a ping with entropy reseeded it (at most 256 bytes).
+	Entropy       []byte `protobuf:"bytes,2,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PingRequest) Reset() {
@@ -210,6 +216,13 @@ func (x *PingRequest) GetHostTimeUnixNs() int64 {
 		return x.HostTimeUnixNs
 	}
 	return 0
+}
+
+func (x *PingRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
 }
 
 type PingResponse struct {
@@ -2207,9 +2220,10 @@ var File_agent_proto protoreflect.FileDescriptor
 const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"\vagent.proto\x12\x10boxlite.agent.v1\"\a\n" +
-	"\x05Empty\"8\n" +
+	"\x05Empty\"R\n" +
 	"\vPingRequest\x12)\n" +
-	"\x11host_time_unix_ns\x18\x01 \x01(\x03R\x0ehostTimeUnixNs\"s\n" +
+	"\x11host_time_unix_ns\x18\x01 \x01(\x03R\x0ehostTimeUnixNs\x12\x18\n" +
+	"\aentropy\x18\x02 \x01(\fR\aentropy\"s\n" +
 	"\fPingResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x18\n" +
 	"\aruntime\x18\x02 \x01(\tR\aruntime\x12\x16\n" +
