@@ -37,6 +37,9 @@ type mgr struct {
 	rootfs string
 	// binary is the boxlite to run (default boxliteBin).
 	binary string
+	// env is added to the environment of every boxlite run (and so of
+	// the shims it starts).
+	env []string
 	// shimDirs are the shim state directories that existed before the
 	// test (other boxes of the machine).
 	shimDirs map[string]bool
@@ -112,7 +115,7 @@ func clipStr(s string) string {
 // command returns the boxlite command line for args with --state.
 func (m *mgr) command(args ...string) *exec.Cmd {
 	cmd := exec.Command(m.binary, append([]string{"--state", m.state}, args...)...)
-	cmd.Env = append(os.Environ(), "BOXLITE_STATE=")
+	cmd.Env = append(append(os.Environ(), "BOXLITE_STATE="), m.env...)
 	return cmd
 }
 

@@ -55,6 +55,7 @@ func commands() []command {
 		{name: "inspect", summary: "print a box's record (JSON, or a --format template)", run: runInspect},
 		{name: "events", summary: "print the events of every box until interrupted", run: runEvents},
 		{name: "image", summary: "pull, load, list and remove the images boxes run (boxlite run IMAGE)", run: runImage},
+		{name: "template", summary: "list and remove the VM templates boxes are restored from", run: runTemplate},
 		{name: "logs", summary: "print a box's output (-f: follow it)", run: runLogs},
 		{name: "serve", summary: "serve the REST API: a daemon that owns and reaps its boxes' shims", run: runServe},
 	}

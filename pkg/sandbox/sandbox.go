@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"time"
@@ -68,6 +69,10 @@ type Sandbox struct {
 	Info *api.PingResponse
 	// BootTime is launch to agent-ready.
 	BootTime time.Duration
+	// guestMACs are the NICs' addresses as the guest finds them.
+	guestMACs []net.HardwareAddr
+	// restored is the key of the template the VM was restored from.
+	restored string
 
 	// stopMu serialises Stop; stopped says one succeeded. A failed Stop
 	// is remembered by nobody: the next one tries again.
@@ -78,21 +83,53 @@ type Sandbox struct {
 // Start boots a VM and connects to its agent. On any failure the VM is
 // killed and reaped before Start returns. ctx bounds the boot only.
 func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
-	q, err := vmm.NewQEMU(cfg.VM)
+	timeout := cfg.BootTimeout
+	if timeout <= 0 {
+		timeout = DefaultBootTimeout
+	}
+	if ts := cfg.VM.Templates; ts != nil && ts.Ready == nil {
+		t := *ts
+		t.Ready = templateReady
+		cfg.VM.Templates = &t
+	}
+	began := time.Now()
+	s, err := start(ctx, cfg.VM, timeout)
+	if err != nil && s != nil && s.restored != "" && ctx.Err() == nil {
+		// A clone that did not come up is the template's fault, not the
+		// box's: the box boots cold, and the next one builds the
+		// template again.
+		log.G(ctx).WithError(err).WithField("template", s.restored).Warn("VM restored from a template did not become ready: discarding the template, booting cold")
+		s.vm.(*vmm.QEMU).DiscardTemplate()
+		cold := cfg.VM
+		cold.Templates = nil
+		s, err = start(ctx, cold, timeout-time.Since(began))
+	}
+	if err != nil {
+		return nil, err
+	}
+	go s.watch()
+	return s, nil
+}
+
+// start boots one VM; on failure the sandbox it returns (if any) says
+// whether it was a clone.
+func start(ctx context.Context, cfg vmm.Config, timeout time.Duration) (*Sandbox, error) {
+	q, err := vmm.NewQEMU(cfg)
 	if err != nil {
 		return nil, err
 	}
 	s := &Sandbox{vm: q}
 	s.shutdownGuest = s.agentShutdown
-	timeout := cfg.BootTimeout
-	if timeout <= 0 {
-		timeout = DefaultBootTimeout
-	}
-	if err := s.boot(ctx, timeout); err != nil {
-		return nil, err
-	}
-	go s.watch()
-	return s, nil
+	err = s.boot(ctx, timeout)
+	s.restored = q.Template()
+	s.guestMACs = q.GuestMACs()
+	return s, err
+}
+
+// templateReady is a template build's readiness: the agent answers a
+// ping that sends no entropy (every clone would inherit its reseed).
+func templateReady(ctx context.Context, socket string) error {
+	return agent.Probe(ctx, socket)
 }
 
 // boot launches the VM and waits for its agent; it leaves nothing running
@@ -261,3 +298,11 @@ func (s *Sandbox) closeAgent() {
 		_ = s.agent.Close()
 	}
 }
+
+// Template is the key of the VM template the VM was restored from, "" when
+// it booted cold.
+func (s *Sandbox) Template() string { return s.restored }
+
+// GuestMACs are the NICs' addresses as the guest finds them: a clone has
+// its template's until its agent sets the box's own.
+func (s *Sandbox) GuestMACs() []net.HardwareAddr { return s.guestMACs }

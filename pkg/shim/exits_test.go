@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -191,11 +192,12 @@ type fakeVM struct {
 
 func newFakeVM() *fakeVM { return &fakeVM{done: make(chan struct{})} }
 
-func (f *fakeVM) Agent() *agent.Client  { return nil }
-func (f *fakeVM) Pid() uint32           { return 42 }
-func (f *fakeVM) OOMKilled() bool       { return false }
-func (f *fakeVM) Done() <-chan struct{} { return f.done }
-func (f *fakeVM) Kill() error           { return f.Stop(context.Background()) }
+func (f *fakeVM) Agent() *agent.Client          { return nil }
+func (f *fakeVM) Pid() uint32                   { return 42 }
+func (f *fakeVM) OOMKilled() bool               { return false }
+func (f *fakeVM) GuestMACs() []net.HardwareAddr { return nil }
+func (f *fakeVM) Done() <-chan struct{}         { return f.done }
+func (f *fakeVM) Kill() error                   { return f.Stop(context.Background()) }
 
 func (f *fakeVM) Stop(context.Context) error {
 	f.mu.Lock()

@@ -336,6 +336,24 @@ func userConfig(id string) *api.ConfigureNetworkRequest {
 	}
 }
 
+// retargetMACs points the guest's configuration at its NICs as it finds
+// them: a VM restored from a template has the template's MACs, and the
+// agent then sets the box's own (the MAC the NIC was given).
+func retargetMACs(req *api.ConfigureNetworkRequest, nics []vmm.NIC, seen []net.HardwareAddr) {
+	for _, i := range req.Interfaces {
+		for k, n := range nics {
+			if k >= len(seen) || i.DeviceMac != n.MAC.String() || n.MAC.String() == seen[k].String() {
+				continue
+			}
+			if i.Mac == "" {
+				i.Mac = i.DeviceMac
+			}
+			i.DeviceMac = seen[k].String()
+			break
+		}
+	}
+}
+
 // guestConfig converts the namespace's configuration for the agent.
 func guestConfig(id string, cfg *network.Config) *api.ConfigureNetworkRequest {
 	req := &api.ConfigureNetworkRequest{Id: id}
@@ -386,6 +404,7 @@ func (b *sandbox) startNetwork(ctx context.Context) error {
 		}
 	}
 	if cfg != nil {
+		retargetMACs(cfg, b.net.nics(), b.vm.GuestMACs())
 		if _, err := b.vm.Agent().ConfigureNetwork(ctx, cfg); err != nil {
 			return fmt.Errorf("configure the network of %s in the guest: %w", b.id, err)
 		}

@@ -36,7 +36,17 @@ const (
 	AnnotationInitrd = "io.boxlite.initrd"
 	// AnnotationBootTimeout bounds boot to agent-ready, as a Go duration.
 	AnnotationBootTimeout = "io.boxlite.boot_timeout"
+	// AnnotationTemplates turns VM templates on or off for the box
+	// ("true" or "false"; on unless $BOXLITE_TEMPLATES is "off").
+	AnnotationTemplates = "io.boxlite.templates"
 )
+
+// TemplatesEnv, set to "off" in the shim's environment (containerd's or the
+// manager's), makes boxes boot cold unless their options turn templates on.
+const TemplatesEnv = "BOXLITE_TEMPLATES"
+
+// templateDir holds the VM templates (a variable for tests).
+var templateDir = vmm.DefaultTemplateDir
 
 // stateRoot holds one short directory per box for the VMM's sockets, console
 // log and pid file: bundle paths can be longer than a unix socket path allows.
@@ -55,6 +65,8 @@ type vmOptions struct {
 	accel            vmm.Accel
 	kernel, initrd   string
 	bootTimeout      time.Duration
+	// templates restores the VM from a template of its shape.
+	templates bool
 	// health configures the box's health check.
 	health health.Options
 }
@@ -68,6 +80,7 @@ var optionKeys = map[string]string{
 	"kernel":       AnnotationKernel,
 	"initrd":       AnnotationInitrd,
 	"boot_timeout": AnnotationBootTimeout,
+	"templates":    AnnotationTemplates,
 
 	"health_disabled":     health.AnnotationDisabled,
 	"health_interval":     health.AnnotationInterval,
@@ -91,7 +104,7 @@ var optionNames = func() string {
 // spec's io.boxlite.* annotations. A bad value is an InvalidArgument error
 // naming the option or annotation.
 func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error) {
-	o := vmOptions{health: health.DefaultOptions()}
+	o := vmOptions{health: health.DefaultOptions(), templates: os.Getenv(TemplatesEnv) != "off"}
 	settings, err := decodeRuntimeOptions(runtimeOpts)
 	if err != nil {
 		return o, err
@@ -216,6 +229,12 @@ func (o *vmOptions) set(ann, v, what string) error {
 	case health.AnnotationDisabled, health.AnnotationInterval, health.AnnotationTimeout,
 		health.AnnotationStartPeriod, health.AnnotationRetries:
 		return o.health.Set(ann, v, what)
+	case AnnotationTemplates:
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return bad("want true or false")
+		}
+		o.templates = b
 	case AnnotationBootTimeout:
 		d, err := time.ParseDuration(v)
 		if err != nil || d <= 0 {

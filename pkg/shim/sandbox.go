@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path"
 	"path/filepath"
@@ -36,6 +37,9 @@ type guestVM interface {
 	Stop(ctx context.Context) error
 	// Kill is the canonical kill path: SIGKILL, then the reaper's wait.
 	Kill() error
+	// GuestMACs are the NICs' addresses as the guest finds them, in NIC
+	// order (a VM restored from a template has the template's).
+	GuestMACs() []net.HardwareAddr
 }
 
 var _ guestVM = (*guestvm.Sandbox)(nil)
@@ -97,14 +101,18 @@ func (sb *sandbox) boot(ctx context.Context, first *container, runtimeOpts *anyp
 	if sb.net, err = newBoxNetwork(first.ociSpec, sb.stateDir); err != nil {
 		return err
 	}
-	vm, err := guestvm.Start(ctx, guestvm.Config{
+	cfg := guestvm.Config{
 		VM: vmm.Config{
 			Kernel: o.kernel, Initrd: o.initrd, Share: sb.share.Dir(), StateDir: sb.stateDir,
 			VCPUs: o.vcpus, MemoryMiB: o.memoryMiB, Accel: o.accel,
 			NICs: sb.net.nics(), NetNS: sb.net.ns,
 		},
 		BootTimeout: o.bootTimeout,
-	})
+	}
+	if o.templates {
+		cfg.VM.Templates = &vmm.Templates{Dir: templateDir}
+	}
+	vm, err := guestvm.Start(ctx, cfg)
 	// QEMU holds the taps now (or never will): each lives as long as it.
 	sb.net.closeTaps()
 	if err != nil {

@@ -101,6 +101,7 @@ func TestParseVMOptions(t *testing.T) {
 			}
 			if tt.want.health == (health.Options{}) {
 				tt.want.health = health.DefaultOptions()
+				tt.want.templates = true
 			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
@@ -230,6 +231,7 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 			}
 			if tt.want.health == (health.Options{}) {
 				tt.want.health = health.DefaultOptions()
+				tt.want.templates = true
 			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
@@ -289,6 +291,7 @@ func TestVMIsSizedToFitTheLimits(t *testing.T) {
 			got, err := parseVMOptions(&specs.Spec{Linux: tt.linux, Annotations: tt.ann}, tt.opts)
 			if tt.want.health == (health.Options{}) {
 				tt.want.health = health.DefaultOptions()
+				tt.want.templates = true
 			}
 			if err != nil || got != tt.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tt.want)
@@ -360,5 +363,39 @@ func TestInfoAdvertisesTheFeatures(t *testing.T) {
 	f, ok := v.(*features.Features)
 	if !ok || !slices.Contains(f.MountOptions, "rro") || !slices.Contains(f.Hooks, hookCreateRuntime) {
 		t.Fatalf("features %+v; want rro and the host-run hooks", v)
+	}
+}
+
+// TestTemplatesOption: templates are on by default, off by annotation,
+// runtime option or $BOXLITE_TEMPLATES=off, and a bad value is an error.
+func TestTemplatesOption(t *testing.T) {
+	spec := func(v string) *specs.Spec {
+		s := &specs.Spec{Annotations: map[string]string{}}
+		if v != "" {
+			s.Annotations[AnnotationTemplates] = v
+		}
+		return s
+	}
+	for _, tc := range []struct {
+		name, env, ann string
+		want           bool
+		err            bool
+	}{
+		{"default", "", "", true, false},
+		{"annotation off", "", "false", false, false},
+		{"env off", "off", "", false, false},
+		{"env off, annotation on", "off", "true", true, false},
+		{"bad annotation", "", "maybe", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv(TemplatesEnv, tc.env)
+			o, err := parseVMOptions(spec(tc.ann), nil)
+			if (err != nil) != tc.err {
+				t.Fatalf("err = %v, want error %v", err, tc.err)
+			}
+			if err == nil && o.templates != tc.want {
+				t.Errorf("templates = %v, want %v", o.templates, tc.want)
+			}
+		})
 	}
 }

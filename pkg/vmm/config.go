@@ -78,6 +78,12 @@ type Config struct {
 	// ConsoleLogMax caps console.log in bytes; when full it is rotated to
 	// console.log.1 (default 1 MiB).
 	ConsoleLogMax int64
+	// Templates, when set, restores the VM from the template of its shape
+	// instead of booting it, building the template on first use. Any
+	// problem with a template falls back to a cold boot.
+	Templates *Templates
+	// template is set on the VMs that build or clone a template.
+	template *templateUse
 	// host overrides ProbeHost for tests.
 	host *Host
 	// clockArgs are the kernel parameters that keep the guest's clock

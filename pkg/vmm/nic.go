@@ -121,7 +121,7 @@ func nicArgs(nics []NIC, tapFD func(int) int) []string {
 	for i, n := range nics {
 		id := "net" + strconv.Itoa(i)
 		var netdev string
-		if n.Tap != nil {
+		if n.User == nil {
 			netdev = "tap,id=" + id + ",fd=" + strconv.Itoa(tapFD(i))
 		} else {
 			netdev = "user,id=" + id + ",net=" + UserNetwork.String() + ",host=" + UserGatewayIP.String() +

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -89,6 +90,9 @@ type QEMU struct {
 	oomKilled bool
 	// err is why no monitor ran, valid once done is closed. Guarded by mu.
 	err error
+	// tmpl is the template the VM was restored from; nil for a cold
+	// boot. Set by Start before the launch.
+	tmpl *template
 }
 
 // NewQEMU validates cfg, fills its defaults and chooses the accelerator. It
@@ -203,6 +207,7 @@ func (q *QEMU) Start(ctx context.Context) error {
 	}
 	ctx, cancel := withDefaultDeadline(ctx, DefaultStartTimeout)
 	defer cancel()
+	q.useTemplate(ctx)
 	proc, err := q.launch()
 	if proc == nil {
 		q.giveUp(err)
@@ -210,6 +215,9 @@ func (q *QEMU) Start(ctx context.Context) error {
 	}
 	if err == nil {
 		err = q.handshake(ctx, proc)
+	}
+	if err == nil && q.tmpl != nil {
+		err = q.restore(ctx)
 	}
 	if err != nil {
 		if kerr := q.kill(proc); kerr != nil {
@@ -224,6 +232,61 @@ func (q *QEMU) Start(ctx context.Context) error {
 	q.mu.Unlock()
 	log.G(ctx).WithField("pid", proc.Pid()).WithField("accel", q.accel).Debug("vm started")
 	return nil
+}
+
+// useTemplate makes the VM a clone of the template of its shape when
+// templates are on, building the template first if there is none; without
+// one it boots cold, saying why in one log line.
+func (q *QEMU) useTemplate(ctx context.Context) {
+	ts := q.cfg.Templates
+	if ts == nil || q.cfg.template != nil {
+		return
+	}
+	t, err := ts.ensure(ctx, &q.cfg, q.accel)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("no VM template: booting cold")
+		return
+	}
+	q.cfg.template = &templateUse{role: roleClone,
+		memory: filepath.Join(t.dir, templateMemory), state: filepath.Join(t.dir, templateState)}
+	nics := make([]NIC, len(q.cfg.NICs))
+	for i, n := range q.cfg.NICs {
+		nics[i] = n
+		nics[i].MAC = templateMAC(i)
+	}
+	q.cfg.NICs = nics
+	q.tmpl = t
+}
+
+// Template is the key of the template the VM was restored from, "" when
+// it booted cold. Valid once Start returned.
+func (q *QEMU) Template() string {
+	if q.tmpl == nil {
+		return ""
+	}
+	return q.tmpl.meta.Key
+}
+
+// GuestMACs are the NICs' addresses as the guest finds them: a clone has
+// its template's until its agent sets the box's own. Valid once Start
+// returned.
+func (q *QEMU) GuestMACs() []net.HardwareAddr {
+	macs := make([]net.HardwareAddr, len(q.cfg.NICs))
+	for i, n := range q.cfg.NICs {
+		macs[i] = n.MAC
+	}
+	return macs
+}
+
+// DiscardTemplate removes the template the VM was restored from, when the
+// restored guest turned out broken: the next box builds it again.
+func (q *QEMU) DiscardTemplate() {
+	if q.tmpl == nil {
+		return
+	}
+	if err := RemoveTemplate(q.cfg.Templates.Dir, q.tmpl.meta.Key); err != nil {
+		log.L.WithError(err).WithField("template", q.tmpl.meta.Key).Warn("remove VM template")
+	}
 }
 
 // beginStart moves created → starting.
@@ -292,15 +355,12 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	}
 	undo.add(func() { removeRoot(q.rootPath) })
 
-	fds := launchFDs{qmp: 3, agent: 4}
+	fds := assignFDs(q.cfg.NICs)
 	extra := []*os.File{qmpL, agentL}
 	for _, n := range q.cfg.NICs {
-		fd := -1
-		if n.Tap != nil {
-			fd = 3 + len(extra)
+		if n.User == nil {
 			extra = append(extra, n.Tap)
 		}
-		fds.taps = append(fds.taps, fd)
 	}
 	cmd := exec.Command(q.cfg.QEMUBinary, append(qemuArgs(&q.cfg, q.accel, fds), "-chroot", q.rootPath)...)
 	cmd.Dir = q.cfg.StateDir

@@ -69,7 +69,7 @@ func (c *qmpClient) handshake(ctx context.Context) error {
 	if msg.QMP == nil {
 		return fmt.Errorf("qmp greeting: unexpected message")
 	}
-	if _, err := c.executeLocked(ctx, "qmp_capabilities"); err != nil {
+	if _, err := c.executeLocked(ctx, "qmp_capabilities", nil); err != nil {
 		return err
 	}
 	return nil
@@ -78,25 +78,57 @@ func (c *qmpClient) handshake(ctx context.Context) error {
 // Execute runs one command without arguments and returns its "return"
 // value. ctx bounds the exchange.
 func (c *qmpClient) Execute(ctx context.Context, cmd string) (json.RawMessage, error) {
+	return c.ExecuteArgs(ctx, cmd, nil)
+}
+
+// ExecuteArgs runs one command with arguments (nil: none), as Execute.
+func (c *qmpClient) ExecuteArgs(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	stop := c.bound(ctx)
 	defer stop()
-	return c.executeLocked(ctx, cmd)
+	return c.executeLocked(ctx, cmd, args)
+}
+
+// SendFD hands f to QEMU under name (QMP getfd: the descriptor travels
+// with the command as SCM_RIGHTS), for commands that take "fd:name".
+func (c *qmpClient) SendFD(ctx context.Context, name string, f *os.File) error {
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return errors.New("qmp getfd: not a unix socket")
+	}
+	stop := c.bound(ctx)
+	defer stop()
+	c.id++
+	req, err := json.Marshal(map[string]any{"execute": "getfd", "arguments": map[string]string{"fdname": name}, "id": c.id})
+	if err != nil {
+		return err
+	}
+	if _, _, err := uc.WriteMsgUnix(append(req, '\n'), syscall.UnixRights(int(f.Fd())), nil); err != nil {
+		return fmt.Errorf("qmp getfd: %w", c.ctxErr(ctx, err))
+	}
+	_, err = c.readReply(ctx, "getfd")
+	return err
 }
 
 // executeLocked sends cmd and reads until its reply, skipping events. The
 // connection's deadline must already be bound to ctx.
-func (c *qmpClient) executeLocked(ctx context.Context, cmd string) (json.RawMessage, error) {
+func (c *qmpClient) executeLocked(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	c.id++
 	req, err := json.Marshal(struct {
-		Execute string `json:"execute"`
-		ID      int    `json:"id"`
-	}{cmd, c.id})
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        int    `json:"id"`
+	}{cmd, args, c.id})
 	if err != nil {
 		return nil, err
 	}
 	if _, err := c.conn.Write(append(req, '\n')); err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", cmd, c.ctxErr(ctx, err))
 	}
+	return c.readReply(ctx, cmd)
+}
+
+// readReply reads until the reply to the last command, skipping events.
+func (c *qmpClient) readReply(ctx context.Context, cmd string) (json.RawMessage, error) {
 	for {
 		msg, err := c.read()
 		if err != nil {
