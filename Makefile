@@ -37,10 +37,10 @@ $(KERNEL): guest/kernel.config scripts/build-kernel.sh
 	@bash scripts/build-kernel.sh $(KERNEL)
 
 .PHONY: initramfs
-initramfs: ## Build the guest initramfs (boxlite-agent as /init, plus crun).
+initramfs: ## Build the guest initramfs (boxlite-agent as /init, plus a static crun built from Debian's source, cached).
 	@bash scripts/build-initramfs.sh $(INITRD)
 
-$(INITRD): $(GO_SOURCES) scripts/build-initramfs.sh
+$(INITRD): $(GO_SOURCES) scripts/build-initramfs.sh scripts/build-crun.sh
 	@bash scripts/build-initramfs.sh $(INITRD)
 
 $(ROOTFS): scripts/build-rootfs.sh

@@ -2,9 +2,10 @@
 # build-initramfs.sh builds the boxlite guest initramfs, an uncompressed newc
 # cpio (uncompressed boots faster under TCG), and writes it atomically to $1.
 #
-# Contents: /init = boxlite-agent (static Go binary), the OCI runtime (crun;
-# runc too with BOXLITE_INITRAMFS_RUNC=1) with its shared libraries at their
-# host paths, the directories the agent mounts on, and the device nodes
+# Contents: /init = boxlite-agent (static Go binary), the OCI runtime (a
+# static crun built by build-crun.sh; runc too with BOXLITE_INITRAMFS_RUNC=1,
+# with its shared libraries at their host paths), the directories the agent
+# mounts on, and the device nodes
 # /dev/console and /dev/null. The nodes are written as a second, hand-made
 # cpio archive (the kernel unpacks concatenated archives), so the build needs
 # no root: without them the kernel gives init no stdio, and the Go runtime
@@ -22,8 +23,7 @@ die() {
 
 command -v cpio >/dev/null || die "cpio is missing: run make setup"
 [[ -x $go ]] || command -v "$go" >/dev/null || die "go is missing (set GO=/path/to/go)"
-runtimes=(/usr/bin/crun)
-[[ -x /usr/bin/crun ]] || die "crun is missing (/usr/bin/crun): run make setup"
+runtimes=()
 if [[ ${BOXLITE_INITRAMFS_RUNC:-0} == 1 ]]; then
 	runc=$(command -v runc || true)
 	[[ -n $runc ]] || die "runc is missing: run make setup"
@@ -54,6 +54,7 @@ copy_with_libs() {
 		install -D -m 0755 "$(readlink -f "$lib")" "$stage$lib"
 	done < <(ldd "$bin" | grep -o '/[^ ]*' | sort -u)
 }
+bash "$root/scripts/build-crun.sh" "$stage/usr/bin/crun"
 for rt in "${runtimes[@]}"; do
 	copy_with_libs "$rt"
 done
@@ -77,4 +78,4 @@ nodes() {
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) >"$tmp"
 nodes >>"$tmp"
 mv -f "$tmp" "$out"
-echo "build-initramfs: $out ($(du -h "$out" | cut -f1), runtimes: ${runtimes[*]##*/})"
+echo "build-initramfs: $out ($(du -h "$out" | cut -f1), runtimes: crun (static) ${runtimes[*]##*/})"

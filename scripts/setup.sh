@@ -9,6 +9,8 @@ PACKAGES=(
 	qemu-system-x86 qemu-utils crun runc busybox-static
 	# guest kernel build
 	linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils cpio kmod
+	# the guest's static crun (scripts/build-crun.sh, from Debian's source)
+	curl patch pkg-config libseccomp-dev libcap-dev
 	# tooling used by the scripts and tests
 	iproute2 procps psmisc util-linux ca-certificates git make
 	# networking: CNI plugins (bridge, host-local, portmap) for nerdctl and

@@ -211,7 +211,13 @@ func (a *Agent) Start(ctx context.Context, id string) (uint32, error) {
 	if err := c.require("start", statusCreated); err != nil {
 		return 0, err
 	}
-	if err := c.run(ctx, "start", func(ctx context.Context, r *runc.Runc) error {
+	if c.rt.Name == "crun" {
+		start := time.Now()
+		if err := startCrunContainer(c.runtimeRoot, id); err != nil {
+			return 0, err
+		}
+		log.G(ctx).WithField("took", time.Since(start).Round(time.Microsecond)).Debug("start through exec.fifo")
+	} else if err := c.run(ctx, "start", func(ctx context.Context, r *runc.Runc) error {
 		return r.Start(ctx, id)
 	}); err != nil {
 		return 0, err
