@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -66,6 +67,8 @@ func measureTemplates(b *testing.B) map[string]float64 {
 	}
 	coldPSS := idlePSS(b, func() sandbox.Config { return sandboxConfig(b, rootfs, vmOpts{}) })
 	tmplPSS := idlePSS(b, tcfg)
+	coldBase, coldPeak, coldAfter := memoryReturn(b, sandboxConfig(b, rootfs, vmOpts{}))
+	tmplBase, tmplPeak, tmplAfter := memoryReturn(b, tcfg())
 
 	c := startContainerd(b)
 	ctrRun := func(rt string, flags ...string) time.Duration {
@@ -100,6 +103,27 @@ func measureTemplates(b *testing.B) map[string]float64 {
 		mgrTmpl = append(mgrTmpl, mgrRun())
 	}
 
+	// CRI: two containerds, the first one's shims told to boot cold.
+	os.Setenv(shim.TemplatesEnv, "off")
+	coldCRI := startCRI(b)
+	os.Unsetenv(shim.TemplatesEnv)
+	tmplCRI := startCRI(b)
+	criRun := func(e *criEnv, i int) time.Duration {
+		e.pullCRITestImage(b)
+		t0 := time.Now()
+		pod := e.runPod(b, fmt.Sprintf("tmpl-bench-%d", i), "boxlite", false)
+		pod.start(b, "c0", "sleep", "100000")
+		d := time.Since(t0)
+		pod.remove(b)
+		return d
+	}
+	criRun(tmplCRI, -1) // builds the pod shape's template
+	var criCold, criTmpl []time.Duration
+	for i := 0; i < templateRuns; i++ {
+		criCold = append(criCold, criRun(coldCRI, i))
+		criTmpl = append(criTmpl, criRun(tmplCRI, i))
+	}
+
 	f := median(floor)
 	fmt.Printf("\nVM templates: medians of %d, alternating, in one run (TCG)\n", templateRuns)
 	fmt.Printf("%-44s %10s %10s %8s\n", "figure", "cold", "template", "ratio")
@@ -113,7 +137,9 @@ func measureTemplates(b *testing.B) map[string]float64 {
 		ms(median(ctrRunc)), float64(median(ctrCold))/float64(median(ctrRunc)), float64(median(ctrTmpl))/float64(median(ctrRunc)))
 	row("boxlite run --rm true", ms(median(mgrCold)), ms(median(mgrTmpl)), "ms")
 	fmt.Printf("%-44s %9.2f  %9.2f\n", "boxlite run --rm true / floor", float64(median(mgrCold))/float64(f), float64(median(mgrTmpl))/float64(f))
+	row("CRI: crictl runp + create + start", ms(median(criCold)), ms(median(criTmpl)), "ms")
 	row("PSS per idle VM, 5 alive", coldPSS, tmplPSS, "Mi")
+	fmt.Printf("%-44s %5.0f/%.0f/%.0f %5.0f/%.0f/%.0f MiB\n", "VMM RSS: idle / 60 MiB written / freed", coldBase, coldPeak, coldAfter, tmplBase, tmplPeak, tmplAfter)
 	fmt.Printf("template: first use (build + restore) %v, build %v, %.0f MiB on disk, device state %d KB\n",
 		firstUse.Round(time.Millisecond), meta.BuildTime.Round(time.Millisecond), float64(sizes[0])/(1<<20), meta.StateSize/1000)
 
@@ -124,6 +150,8 @@ func measureTemplates(b *testing.B) map[string]float64 {
 	out["run-cold-ms"], out["run-template-ms"] = ms(median(mgrCold)), ms(median(mgrTmpl))
 	out["run-template/floor"] = float64(median(mgrTmpl)) / float64(f)
 	out["pss-cold-MiB"], out["pss-template-MiB"] = coldPSS, tmplPSS
+	out["cri-cold-ms"], out["cri-template-ms"] = ms(median(criCold)), ms(median(criTmpl))
+	out["rss-freed-cold-MiB"], out["rss-freed-template-MiB"] = coldAfter, tmplAfter
 	out["template-build-ms"] = ms(meta.BuildTime)
 	out["template-disk-MiB"] = float64(sizes[0]) / (1 << 20)
 	return out
@@ -165,4 +193,32 @@ func idlePSS(b *testing.B, cfg func() sandbox.Config) float64 {
 		stopNow(b, sb)
 	}
 	return float64(median(pss)) / 1024
+}
+
+// memoryReturn boots a VM, writes 60 MiB into a tmpfs in a container and
+// removes it, and returns the VMM's RSS (MiB) before, at the peak, and once
+// it has settled after the free (free-page reporting batches its reports:
+// up to 20 s, ending early once RSS is back near the idle figure).
+func memoryReturn(b *testing.B, cfg sandbox.Config) (base, peak, after float64) {
+	sb := startOrFail(b, cfg)
+	defer stopNow(b, sb)
+	pid := sb.Identity().Pid
+	rss := func() float64 { return float64(rssKiB(pid)) / 1024 }
+	runBox(b, sb, "warm", newSpec(b, "warm", []string{"true"}), nil)
+	base = rss()
+	res := runBox(b, sb, "fill", newSpec(b, "fill", []string{"sh", "-c",
+		"dd if=/dev/zero of=/dev/shm/fill bs=1M count=60 2>/dev/null && cat /proc/meminfo | grep Shmem: && rm /dev/shm/fill"}), nil)
+	if res.exit.ExitStatus != 0 {
+		b.Fatalf("fill: exit %d stderr %q", res.exit.ExitStatus, res.stderr)
+	}
+	peak = rss()
+	after = peak
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(500 * time.Millisecond)
+		after = rss()
+		if after < base+10 {
+			break
+		}
+	}
+	return base, peak, after
 }

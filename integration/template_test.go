@@ -91,6 +91,13 @@ func onlyTemplate(t testing.TB, dir string) vmm.TemplateMeta {
 // at once with no template yet: one builds it, all four are its clones, and
 // each clone's random number generator was reseeded (different boot ids and
 // /dev/urandom), with its clock on the TSC.
+//
+// Two-sided, for the reseed gate: with the host's Dial sending no entropy,
+// the first CreateContainer fails "was not reseeded by the host". With the
+// gate off too, the clones still differ here: in its first two minutes the
+// guest kernel reseeds its CRNG on first use once a second has passed since
+// the last seed, from interrupt timings and RDSEED (under TCG, the host's
+// randomness). The host's reseed makes it so whatever the timing and CPU.
 func TestTemplateBuiltOnceUnderConcurrencyAndClonesDiffer(t *testing.T) {
 	rootfs := busyboxRootfs(t)
 	// Runs after every box's teardown (cleanups run last-in first-out).
