@@ -105,12 +105,13 @@ func syncfsDir(t testing.TB, dir string) {
 // tscstampSource is a helper the workload takes its timestamps from, in the
 // guests and on the host alike: it answers each line read from the request
 // FIFO with the CPU's time-stamp counter on the response FIFO, and with -hz
-// prints the counter's rate against CLOCK_MONOTONIC. A guest's own clock is
-// no good here: under TCG the kernel fails to calibrate the TSC ("Marking
-// TSC unstable due to could not calculate TSC khz") and runs on
-// refined-jiffies, which steps by 4 ms and loses time when ticks come late
-// (0.5 s in a 10 s untar in a box, against the host's clock). TCG's guest TSC is the host's, at the host's
-// rate. The script reaches the helper with shell builtins only (no fork).
+// prints the counter's rate against CLOCK_MONOTONIC. One counter read the
+// same way in guests and host keeps the comparison independent of the
+// guest's clocksource (before pkg/vmm handed TCG guests the host's TSC
+// frequency, a guest that failed to calibrate its TSC ran on refined-jiffies,
+// which steps by 4 ms and lost 0.5 s in a 10 s untar). TCG's guest TSC is the
+// host's, at the host's rate. The script reaches the helper with shell
+// builtins only (no fork).
 var tscstampSource = map[string]string{
 	"go.mod": "module tscstamp\n\ngo 1.22\n",
 	"main.go": `// Command tscstamp answers each request line with the time-stamp counter.
