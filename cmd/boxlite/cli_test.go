@@ -43,6 +43,11 @@ func TestBadCommandLinesAreOneLineUsageErrors(t *testing.T) {
 		{"image without subcommand", []string{"image"}, "image: want pull REF, load FILE.tar, ls or rm REF..."},
 		{"image load without file", []string{"image", "load", "--state", st}, "image load: one tarball, please"},
 		{"ps with argument", []string{"ps", "--state", st, "extra"}, `ps: unexpected argument "extra"`},
+		{"template without subcommand", []string{"template"}, "template: want ls or rm KEY..."},
+		{"template rm without keys", []string{"template", "rm", "--dir", st}, "template rm: name templates by KEY"},
+		{"template rm keys and --all", []string{"template", "rm", "--dir", st, "--all", "k"}, "template rm: name templates by KEY"},
+		{"template rm --stale and --all", []string{"template", "rm", "--dir", st, "--all", "--stale"}, "template rm: name templates by KEY"},
+		{"template ls with argument", []string{"template", "ls", "--dir", st, "x"}, `template ls: unexpected argument "x"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -133,5 +138,37 @@ func TestParseMemoryAcceptsUnits(t *testing.T) {
 		if (err == nil) != tt.ok || got != tt.want {
 			t.Errorf("parseMemory(%q) = %v, %v", tt.in, got, err)
 		}
+	}
+}
+
+func TestTemplateLsAndRm(t *testing.T) {
+	dir := filepath.Join(stateDir(t), "templates")
+	out, _, err := runCLI(t, "template", "ls", "--dir", dir)
+	if err != nil || strings.Count(out, "\n") != 1 || !strings.HasPrefix(out, "KEY") {
+		t.Fatalf("ls of no templates: %q, %v; want the header only", out, err)
+	}
+	// A published template's shape, as vmm writes it.
+	tdir := filepath.Join(dir, "0123456789abcdef")
+	if err := os.MkdirAll(tdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	meta := `{"key":"0123456789abcdef","format":1,"files":{"/nonexistent/vmlinux":"1:2:3:4.5"},"accel":"tcg","memory_mib":256,"vcpus":1,"nics":["tap"]}`
+	if err := os.WriteFile(filepath.Join(tdir, "meta.json"), []byte(meta), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(tdir, 0o555)
+	out, _, err = runCLI(t, "template", "ls", "--dir", dir)
+	if err != nil || !strings.Contains(out, "0123456789abcdef  256 MiB  1      tap   tcg") || !strings.HasSuffix(strings.TrimSpace(out), "true") {
+		t.Fatalf("ls: %q, %v; want the template, stale (its kernel is gone)", out, err)
+	}
+	if _, _, err := runCLI(t, "template", "rm", "--dir", dir, "../etc"); err == nil {
+		t.Error("rm ../etc: no error")
+	}
+	out, _, err = runCLI(t, "template", "rm", "--dir", dir, "--stale")
+	if err != nil || out != "0123456789abcdef\n" {
+		t.Fatalf("rm --stale: %q, %v", out, err)
+	}
+	if _, err := os.Stat(tdir); !os.IsNotExist(err) {
+		t.Errorf("template still there after rm: %v", err)
 	}
 }
