@@ -66,8 +66,12 @@ unit: ## Run the unit tests (with -race).
 integration: build critest ## Run the integration tests (boot real microVMs).
 	$(GO) test -count=1 -timeout 40m -v ./integration/...
 
+.PHONY: integration-cold
+integration-cold: build critest ## The integration tests again with VM templates off (every box boots cold).
+	BOXLITE_TEMPLATES=off $(GO) test -count=1 -timeout 40m ./integration/...
+
 .PHONY: test
-test: setup build lint unit integration ## Everything CI runs: setup, build, lint, unit and integration tests.
+test: setup build lint unit integration integration-cold ## Everything CI runs: setup, build, lint, unit and integration tests (with VM templates, then without).
 
 .PHONY: lint
 lint: ## go vet and gofmt.
