@@ -1018,7 +1018,7 @@ func TestTemplatesEnsure(t *testing.T) {
 		if _, err := os.Lstat(dir); !errors.Is(err, fs.ErrNotExist) {
 			t.Fatalf("damaged template kept: %v", err)
 		}
-		if left, _ := filepath.Glob(filepath.Join(root, templateBuildGlob)); len(left) != 0 {
+		if left, _ := filepath.Glob(filepath.Join(root, templateBuildPrefix+"*")); len(left) != 0 {
 			t.Fatalf("failed build left %v", left)
 		}
 	})
