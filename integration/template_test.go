@@ -268,3 +268,27 @@ func sha256Hex(b []byte) string {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestTemplateBuildMakesTheManagersTemplate builds a template with `boxlite
+// template build` before any box ran: the default box of `boxlite run` is
+// then restored from it, and builds no other (the shim and the CLI compute
+// the same key, or the directory would hold two).
+func TestTemplateBuildMakesTheManagersTemplate(t *testing.T) {
+	m := newMgr(t)
+	dir := templateDir(t)
+	m.env = []string{vmm.TemplateDirEnv + "=" + dir}
+	key := strings.TrimSpace(m.ok("template", "build"))
+	built := onlyTemplate(t, dir)
+	if built.Key != key {
+		t.Fatalf("template build printed %q; the directory holds %s", key, built.Key)
+	}
+	if r := m.run(nil, "run", "--rm", "--rootfs", m.rootfs, "--", "true"); r.code != 0 {
+		t.Fatalf("run --rm true: %v", r)
+	}
+	if after := onlyTemplate(t, dir); after.Key != key || !after.Built.Equal(built.Built) {
+		t.Errorf("after a box ran: template %s built %v, want %s built %v (the box did not use it)", after.Key, after.Built, key, built.Built)
+	}
+	if ls := m.ok("template", "ls"); !strings.Contains(ls, key) {
+		t.Errorf("template ls:\n%s\nwant %s", ls, key)
+	}
+}

@@ -4,23 +4,27 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/boxlite/boxlite/pkg/agent"
 	"github.com/boxlite/boxlite/pkg/vmm"
 )
 
 // runTemplate lists and removes the VM templates boxes are restored from
 // (built on first use by the shim, under vmm.DefaultTemplateDir).
 func runTemplate(ctx context.Context, env *cliEnv, args []string) error {
-	sub := map[string]func(context.Context, *cliEnv, []string) error{"ls": runTemplateLs, "rm": runTemplateRm}
+	sub := map[string]func(context.Context, *cliEnv, []string) error{"ls": runTemplateLs, "rm": runTemplateRm, "build": runTemplateBuild}
 	if len(args) == 0 || sub[args[0]] == nil {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(env.stderr, "usage: boxlite template ls | rm (KEY... | --stale | --all)")
+			fmt.Fprintln(env.stderr, "usage: boxlite template build [flags] | ls | rm (KEY... | --stale | --all)")
 			return nil
 		}
-		return usageErrorf("template", "want ls or rm KEY...")
+		return usageErrorf("template", "want build, ls or rm KEY...")
 	}
 	return sub[args[0]](ctx, env, args[1:])
 }
@@ -28,7 +32,7 @@ func runTemplate(ctx context.Context, env *cliEnv, args []string) error {
 func templateDirFlag(fs interface {
 	String(name, value, usage string) *string
 }) *string {
-	return fs.String("dir", vmm.DefaultTemplateDir, "the template directory")
+	return fs.String("dir", vmm.TemplateDir(), "the template directory ($BOXLITE_TEMPLATE_DIR)")
 }
 
 func runTemplateLs(_ context.Context, env *cliEnv, args []string) error {
@@ -89,4 +93,51 @@ func runTemplateRm(_ context.Context, env *cliEnv, args []string) error {
 		fmt.Fprintln(env.stdout, k)
 	}
 	return errors.Join(errs...)
+}
+
+// runTemplateBuild builds, ahead of the first box, the template of the VM a
+// box of the manager gets: by default the one `boxlite run` gives (256 MiB,
+// one vCPU, user networking). A VM sized by --memory (the container's limit
+// plus 64 MiB) or given another network needs the matching flags; boxes of
+// containerd's front doors (a tap per interface) build theirs on first use.
+func runTemplateBuild(ctx context.Context, env *cliEnv, args []string) error {
+	fs := newFlagSet(env, "template build", "template build [--dir DIR] [--memory-mib M] [--vcpus N] [--network user|none]")
+	dir := templateDirFlag(fs)
+	mem := fs.Int("memory-mib", vmm.DefaultMemoryMiB, "the VM's memory in MiB")
+	vcpus := fs.Int("vcpus", vmm.DefaultVCPUs, "the VM's virtual CPUs")
+	network := fs.String("network", "user", "user or none, as boxlite run --network")
+	if err := parseFlags(env, fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usageErrorf("template build", "unexpected argument %q", fs.Arg(0))
+	}
+	scratch, err := os.MkdirTemp("", "bxt")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(scratch)
+	share := filepath.Join(scratch, "share")
+	if err := os.Mkdir(share, 0o700); err != nil {
+		return err
+	}
+	cfg := vmm.Config{
+		Share: share, StateDir: scratch, MemoryMiB: *mem, VCPUs: *vcpus,
+		Templates: &vmm.Templates{Dir: *dir, Ready: agent.Probe},
+	}
+	switch *network {
+	case "user":
+		cfg.NICs = []vmm.NIC{{MAC: net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, User: &vmm.UserNet{}}}
+	case "none":
+	default:
+		return usageErrorf("template build", "--network %q: want user or none (boxes with a network namespace build theirs on first use)", *network)
+	}
+	began := time.Now()
+	meta, err := vmm.BuildTemplate(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(env.stdout, "%s\n", meta.Key)
+	fmt.Fprintf(env.stderr, "template %s ready in %v (built in %v)\n", meta.Key, time.Since(began).Round(time.Millisecond), meta.BuildTime.Round(time.Millisecond))
+	return nil
 }

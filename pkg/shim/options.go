@@ -45,8 +45,9 @@ const (
 // manager's), makes boxes boot cold unless their options turn templates on.
 const TemplatesEnv = "BOXLITE_TEMPLATES"
 
-// templateDir holds the VM templates (a variable for tests).
-var templateDir = vmm.DefaultTemplateDir
+// templateDir returns the directory of the VM templates
+// ($BOXLITE_TEMPLATE_DIR, else vmm.DefaultTemplateDir).
+var templateDir = vmm.TemplateDir
 
 // stateRoot holds one short directory per box for the VMM's sockets, console
 // log and pid file: bundle paths can be longer than a unix socket path allows.

@@ -110,7 +110,7 @@ func (sb *sandbox) boot(ctx context.Context, first *container, runtimeOpts *anyp
 		BootTimeout: o.bootTimeout,
 	}
 	if o.templates {
-		cfg.VM.Templates = &vmm.Templates{Dir: templateDir}
+		cfg.VM.Templates = &vmm.Templates{Dir: templateDir()}
 	}
 	vm, err := guestvm.Start(ctx, cfg)
 	// QEMU holds the taps now (or never will): each lives as long as it.

@@ -28,6 +28,19 @@ import (
 // DefaultTemplateDir is where the shim keeps VM templates.
 const DefaultTemplateDir = "/var/lib/boxlite/templates"
 
+// TemplateDirEnv, when set, is the template directory the shim and
+// `boxlite template` use instead of DefaultTemplateDir.
+const TemplateDirEnv = "BOXLITE_TEMPLATE_DIR"
+
+// TemplateDir is the template directory: $BOXLITE_TEMPLATE_DIR, else
+// DefaultTemplateDir.
+func TemplateDir() string {
+	if d := os.Getenv(TemplateDirEnv); d != "" {
+		return d
+	}
+	return DefaultTemplateDir
+}
+
 // templateFormat versions the layout and the clone's arguments: a change to
 // either gives every shape a new key, so old templates are never loaded.
 const templateFormat = 1

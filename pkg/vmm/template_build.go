@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -19,6 +20,25 @@ import (
 )
 
 // Building a template: boot, save, publish; and a clone's restore.
+
+// BuildTemplate makes sure the template of cfg's shape exists in
+// cfg.Templates.Dir, building it if there is none, and returns its meta.
+// cfg is validated as NewQEMU does (its Share and StateDir must exist, and
+// nothing is started in them).
+func BuildTemplate(ctx context.Context, cfg Config) (TemplateMeta, error) {
+	if cfg.Templates == nil || cfg.Templates.Ready == nil {
+		return TemplateMeta{}, errors.New("build template: no template directory or readiness check")
+	}
+	q, err := NewQEMU(cfg)
+	if err != nil {
+		return TemplateMeta{}, err
+	}
+	t, err := q.cfg.Templates.ensure(ctx, &q.cfg, q.accel)
+	if err != nil {
+		return TemplateMeta{}, err
+	}
+	return t.meta, nil
+}
 
 // builds counts the templates this process built.
 var builds atomic.Int64
