@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -127,7 +126,7 @@ func runTemplateBuild(ctx context.Context, env *cliEnv, args []string) error {
 	}
 	switch *network {
 	case "user":
-		cfg.NICs = []vmm.NIC{{MAC: net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}, User: &vmm.UserNet{}}}
+		cfg.NICs = []vmm.NIC{{MAC: vmm.UserMAC, User: &vmm.UserNet{}}}
 	case "none":
 	default:
 		return usageErrorf("template build", "--network %q: want user or none (boxes with a network namespace build theirs on first use)", *network)

@@ -89,7 +89,9 @@ func Start(ctx context.Context, cfg Config) (*Sandbox, error) {
 	}
 	if ts := cfg.VM.Templates; ts != nil && ts.Ready == nil {
 		t := *ts
-		t.Ready = templateReady
+		// The template's readiness: a ping without entropy (every clone
+		// would inherit a reseed).
+		t.Ready = agent.Probe
 		cfg.VM.Templates = &t
 	}
 	began := time.Now()
@@ -124,12 +126,6 @@ func start(ctx context.Context, cfg vmm.Config, timeout time.Duration) (*Sandbox
 	s.restored = q.Template()
 	s.guestMACs = q.GuestMACs()
 	return s, err
-}
-
-// templateReady is a template build's readiness: the agent answers a
-// ping that sends no entropy (every clone would inherit its reseed).
-func templateReady(ctx context.Context, socket string) error {
-	return agent.Probe(ctx, socket)
 }
 
 // boot launches the VM and waits for its agent; it leaves nothing running

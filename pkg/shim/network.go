@@ -54,9 +54,6 @@ type netState struct {
 	Wired []string `json:"wired,omitempty"`
 }
 
-// userMAC is the guest NIC's MAC with user networking (QEMU's default).
-var userMAC = net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}
-
 // boxNetwork is a box's network: the namespace its VMM runs in and its NICs.
 type boxNetwork struct {
 	// ns is the namespace QEMU runs in; nil with user networking.
@@ -192,7 +189,7 @@ func (n *boxNetwork) makeTaps() error {
 // nics are the VM's NICs.
 func (n *boxNetwork) nics() []vmm.NIC {
 	if n.user != nil {
-		return []vmm.NIC{{MAC: userMAC, User: n.user}}
+		return []vmm.NIC{{MAC: vmm.UserMAC, User: n.user}}
 	}
 	var out []vmm.NIC
 	for _, t := range n.taps {
@@ -329,7 +326,7 @@ func userConfig(id string) *api.ConfigureNetworkRequest {
 	return &api.ConfigureNetworkRequest{
 		Id: id,
 		Interfaces: []*api.Interface{{
-			DeviceMac: userMAC.String(), Name: "eth0", Mtu: 1500,
+			DeviceMac: vmm.UserMAC.String(), Name: "eth0", Mtu: 1500,
 			Addresses: []string{fmt.Sprintf("%s/%d", vmm.UserGuestIP, ones)},
 		}},
 		Routes: []*api.Route{{Gateway: vmm.UserGatewayIP.String(), Device: "eth0"}},

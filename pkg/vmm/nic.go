@@ -27,6 +27,8 @@ var (
 	UserGatewayIP = net.IPv4(10, 0, 2, 2).To4()
 	// UserDNSIP is the DNS forwarder.
 	UserDNSIP = net.IPv4(10, 0, 2, 3).To4()
+	// UserMAC is the guest NIC's MAC with user networking (QEMU's default).
+	UserMAC = net.HardwareAddr{0x52, 0x54, 0x00, 0x12, 0x34, 0x56}
 )
 
 // NIC is one virtio-net device of the VM. Exactly one of Tap and User is set.

@@ -69,7 +69,7 @@ func (c *qmpClient) handshake(ctx context.Context) error {
 	if msg.QMP == nil {
 		return fmt.Errorf("qmp greeting: unexpected message")
 	}
-	if _, err := c.executeLocked(ctx, "qmp_capabilities", nil); err != nil {
+	if _, err := c.executeLocked(ctx, "qmp_capabilities", nil, nil); err != nil {
 		return err
 	}
 	return nil
@@ -85,33 +85,22 @@ func (c *qmpClient) Execute(ctx context.Context, cmd string) (json.RawMessage, e
 func (c *qmpClient) ExecuteArgs(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	stop := c.bound(ctx)
 	defer stop()
-	return c.executeLocked(ctx, cmd, args)
+	return c.executeLocked(ctx, cmd, args, nil)
 }
 
 // SendFD hands f to QEMU under name (QMP getfd: the descriptor travels
 // with the command as SCM_RIGHTS), for commands that take "fd:name".
 func (c *qmpClient) SendFD(ctx context.Context, name string, f *os.File) error {
-	uc, ok := c.conn.(*net.UnixConn)
-	if !ok {
-		return errors.New("qmp getfd: not a unix socket")
-	}
 	stop := c.bound(ctx)
 	defer stop()
-	c.id++
-	req, err := json.Marshal(map[string]any{"execute": "getfd", "arguments": map[string]string{"fdname": name}, "id": c.id})
-	if err != nil {
-		return err
-	}
-	if _, _, err := uc.WriteMsgUnix(append(req, '\n'), syscall.UnixRights(int(f.Fd())), nil); err != nil {
-		return fmt.Errorf("qmp getfd: %w", c.ctxErr(ctx, err))
-	}
-	_, err = c.readReply(ctx, "getfd")
+	_, err := c.executeLocked(ctx, "getfd", map[string]string{"fdname": name}, f)
 	return err
 }
 
-// executeLocked sends cmd and reads until its reply, skipping events. The
-// connection's deadline must already be bound to ctx.
-func (c *qmpClient) executeLocked(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+// executeLocked sends cmd, with f's descriptor as SCM_RIGHTS when f is not
+// nil, and reads until its reply, skipping events. The connection's
+// deadline must already be bound to ctx.
+func (c *qmpClient) executeLocked(ctx context.Context, cmd string, args any, f *os.File) (json.RawMessage, error) {
 	c.id++
 	req, err := json.Marshal(struct {
 		Execute   string `json:"execute"`
@@ -121,7 +110,15 @@ func (c *qmpClient) executeLocked(ctx context.Context, cmd string, args any) (js
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.conn.Write(append(req, '\n')); err != nil {
+	req = append(req, '\n')
+	if f == nil {
+		_, err = c.conn.Write(req)
+	} else if uc, ok := c.conn.(*net.UnixConn); ok {
+		_, _, err = uc.WriteMsgUnix(req, syscall.UnixRights(int(f.Fd())), nil)
+	} else {
+		return nil, fmt.Errorf("qmp %s: a descriptor needs a unix socket", cmd)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("qmp %s: %w", cmd, c.ctxErr(ctx, err))
 	}
 	return c.readReply(ctx, cmd)

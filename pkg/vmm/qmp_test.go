@@ -5,11 +5,15 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const qmpGreeting = `{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}`
@@ -150,5 +154,60 @@ func TestQMPErrors(t *testing.T) {
 				t.Errorf("dialQMP() error = %v (%T) is not the expected kind", err, errors.Unwrap(err))
 			}
 		})
+	}
+}
+
+// TestQMPSendFDPassesTheDescriptor: getfd carries the file as SCM_RIGHTS
+// in the same message as the command, and QEMU's answer completes it.
+func TestQMPSendFDPassesTheDescriptor(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var want, got unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &want); err != nil {
+		t.Fatal(err)
+	}
+	received := make(chan string, 1)
+	path := fakeQMP(t, func(conn net.Conn, r *bufio.Reader) {
+		conn.Write([]byte(qmpGreeting + "\r\n"))
+		if !reply(t, conn, r, "qmp_capabilities", `{"return": {}, "id": ID}`) {
+			return
+		}
+		buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(4))
+		n, oobn, _, _, err := conn.(*net.UnixConn).ReadMsgUnix(buf, oob)
+		if err != nil {
+			received <- err.Error()
+			return
+		}
+		msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+		var fds []int
+		if len(msgs) == 1 {
+			fds, _ = unix.ParseUnixRights(&msgs[0])
+		}
+		if len(fds) != 1 || unix.Fstat(fds[0], &got) != nil {
+			received <- fmt.Sprintf("no descriptor with %q", buf[:n])
+			return
+		}
+		unix.Close(fds[0])
+		received <- string(buf[:n])
+		conn.Write([]byte(`{"return": {}, "id": 2}` + "\r\n"))
+	})
+	ctx := testCtx(t, 10*time.Second)
+	c, err := dialQMP(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SendFD(ctx, "template-state", f); err != nil {
+		t.Fatal(err)
+	}
+	msg := <-received
+	if !strings.Contains(msg, `"execute":"getfd"`) || !strings.Contains(msg, `"fdname":"template-state"`) {
+		t.Errorf("QEMU got %s, want getfd of template-state", msg)
+	}
+	if got.Ino != want.Ino || got.Dev != want.Dev {
+		t.Errorf("QEMU got inode %d, want the file's %d", got.Ino, want.Ino)
 	}
 }

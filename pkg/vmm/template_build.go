@@ -180,7 +180,6 @@ func createSized(path string, size int64) error {
 // publishTemplate makes the built files durable and read-only, writes the
 // meta and renames tmp to dir: a template is either absent or complete.
 func publishTemplate(tmp, dir string, meta TemplateMeta) error {
-	os.RemoveAll(filepath.Join(tmp, "share"))
 	for _, name := range []string{templateMemory, templateState} {
 		if err := syncFile(filepath.Join(tmp, name)); err != nil {
 			return err
@@ -199,8 +198,8 @@ func publishTemplate(tmp, dir string, meta TemplateMeta) error {
 	if err := os.WriteFile(filepath.Join(tmp, templateMeta), b, 0o400); err != nil {
 		return err
 	}
-	// Only the published files stay (the console log and the root QEMU
-	// chrooted into go).
+	// Only the published files stay (the share, the console log and the
+	// root QEMU chrooted into go).
 	entries, err := os.ReadDir(tmp)
 	if err != nil {
 		return err
@@ -223,15 +222,16 @@ func publishTemplate(tmp, dir string, meta TemplateMeta) error {
 	if err := os.Chmod(tmp, 0o555); err != nil {
 		return err
 	}
-	if err := syncDir(tmp); err != nil {
+	if err := syncFile(tmp); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, dir); err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(dir))
+	return syncFile(filepath.Dir(dir))
 }
 
+// syncFile fsyncs a file or a directory.
 func syncFile(path string) error {
 	f, err := os.Open(path)
 	if err != nil {
@@ -240,8 +240,6 @@ func syncFile(path string) error {
 	defer f.Close()
 	return f.Sync()
 }
-
-func syncDir(path string) error { return syncFile(path) }
 
 // ignoreShared makes a migration leave the shared RAM file out: only
 // device state goes through the stream (about 50 KB, not the guest's RAM).
