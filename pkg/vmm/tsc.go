@@ -3,7 +3,9 @@ package vmm
 import (
 	"bytes"
 	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -46,12 +48,48 @@ func guestClockArgs(accel Accel) []string {
 			log.L.Debug("host TSC is not invariant: TCG guests calibrate their own")
 			return
 		}
-		tscOnce.khz = hostTSCkHz()
+		tscOnce.khz = cachedTSCkHz(tscCachePath)
 	})
 	if tscOnce.khz <= 0 {
 		return nil
 	}
 	return []string{"tsc_early_khz=" + strconv.FormatInt(tscOnce.khz, 10), "tsc=reliable"}
+}
+
+// tscCachePath keeps the measurement for the rest of the host's boot: every
+// box has a shim process of its own, and each would otherwise spend
+// tscWindow of its start measuring the same figure.
+var tscCachePath = "/run/boxlite/tsc-khz"
+
+// Plausible TSC frequencies; a cached figure outside is measured again.
+const minTSCkHz, maxTSCkHz = 100_000, 20_000_000
+
+// cachedTSCkHz returns the TSC frequency recorded in path for this boot
+// ("<boot id> <kHz>"), else measures it and records it there.
+func cachedTSCkHz(path string) int64 {
+	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	id := strings.TrimSpace(string(boot))
+	if b, err := os.ReadFile(path); err == nil && id != "" {
+		if f := strings.Fields(string(b)); len(f) == 2 && f[0] == id {
+			if khz, err := strconv.ParseInt(f[1], 10, 64); err == nil && khz >= minTSCkHz && khz <= maxTSCkHz {
+				return khz
+			}
+		}
+	}
+	khz := hostTSCkHz()
+	if khz < minTSCkHz || khz > maxTSCkHz || id == "" {
+		return khz
+	}
+	// Written whole and renamed: a concurrent reader sees the old file or
+	// the new one. A failure only costs the next shim a measurement.
+	tmp := path + "." + strconv.Itoa(os.Getpid())
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err == nil &&
+		os.WriteFile(tmp, []byte(id+" "+strconv.FormatInt(khz, 10)+"\n"), 0o644) == nil {
+		if os.Rename(tmp, path) != nil {
+			os.Remove(tmp)
+		}
+	}
+	return khz
 }
 
 // invariantTSC says /proc/cpuinfo's first flags line has constant_tsc and

@@ -2,7 +2,9 @@ package vmm
 
 import (
 	"bytes"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -61,4 +63,43 @@ func cpuMHz(info []byte) float64 {
 		}
 	}
 	return 0
+}
+
+// TestCachedTSCkHz: the first shim of a boot measures and records the
+// figure; later ones read it; a record of another boot or an implausible
+// figure is measured again.
+func TestCachedTSCkHz(t *testing.T) {
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Skip("no boot id: nothing to key the cache on")
+	}
+	id := strings.TrimSpace(string(boot))
+	path := filepath.Join(t.TempDir(), "run", "tsc-khz")
+	measured := cachedTSCkHz(path)
+	if rec, err := os.ReadFile(path); err != nil || string(rec) != fmt.Sprintf("%s %d\n", id, measured) {
+		t.Fatalf("recorded %q (%v), want %q", rec, err, fmt.Sprintf("%s %d\n", id, measured))
+	}
+	const fake = 1234000 // not this host's figure, but plausible
+	write := func(s string) {
+		if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(fmt.Sprintf("%s %d\n", id, fake))
+	if got := cachedTSCkHz(path); got != fake {
+		t.Errorf("with this boot's record: %d kHz, want the recorded %d", got, fake)
+	}
+	for _, rec := range []string{
+		fmt.Sprintf("another-boot %d\n", fake),
+		fmt.Sprintf("%s 5\n", id),
+		"garbage",
+	} {
+		write(rec)
+		if got := cachedTSCkHz(path); got == fake || got == 5 || got < minTSCkHz {
+			t.Errorf("with record %q: %d kHz, want a fresh measurement", rec, got)
+		}
+		if b, _ := os.ReadFile(path); !strings.HasPrefix(string(b), id+" ") {
+			t.Errorf("with record %q: left %q, want this boot's", rec, b)
+		}
+	}
 }
