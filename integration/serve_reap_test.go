@@ -133,24 +133,14 @@ func TestServeReapsAShimKilledBySIGTERM(t *testing.T) { testServeShimDeath(t, sy
 // its reaper off it stays one.
 func testServeShimDeath(t *testing.T, sig syscall.Signal) {
 	t.Run("reaping", func(t *testing.T) {
-		m := newMgr(t)
-		d := m.serve(nil)
-		el := subscribe(t, d.c)
-		b := serveBox(t, d.c, sleepBox(m.rootfs))
-		el.next(t, "/tasks/start", b.ID, boxTimeout, nil)
-		assertShimOf(t, b.ShimPid, d)
+		d, el, b := startedUnderDaemon(t)
 		if err := syscall.Kill(b.ShimPid, sig); err != nil {
 			t.Fatal(err)
 		}
 		assertReportedDead(t, d, el, b)
 	})
 	t.Run("reaping paused", func(t *testing.T) {
-		m := newMgr(t)
-		d := m.serve(nil)
-		el := subscribe(t, d.c)
-		b := serveBox(t, d.c, sleepBox(m.rootfs))
-		el.next(t, "/tasks/start", b.ID, boxTimeout, nil)
-		assertShimOf(t, b.ShimPid, d)
+		d, el, b := startedUnderDaemon(t)
 		if err := syscall.Kill(d.Pid(), syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}
@@ -181,6 +171,20 @@ func testServeShimDeath(t *testing.T, sig syscall.Signal) {
 		// The box's record is left: remove it locally.
 		m.ok("rm", "--force", b.ID)
 	})
+}
+
+// startedUnderDaemon starts a daemon and a sleeping box under it, and
+// returns them once the box started and its shim is the daemon's child,
+// with the daemon's events from before the start.
+func startedUnderDaemon(t *testing.T) (*daemon, *apiEvents, api.Box) {
+	t.Helper()
+	m := newMgr(t)
+	d := m.serve(nil)
+	el := subscribe(t, d.c)
+	b := serveBox(t, d.c, sleepBox(m.rootfs))
+	el.next(t, "/tasks/start", b.ID, boxTimeout, nil)
+	assertShimOf(t, b.ShimPid, d)
+	return d, el, b
 }
 
 // assertReportedDead checks the aftermath of box b's shim dying: the shim
