@@ -41,6 +41,9 @@ func Main() {
 	reboot()
 }
 
+// sealedRuntimeDir holds the read-only copy of the OCI runtime (sealBinary).
+const sealedRuntimeDir = "/run/boxlite-runtime"
+
 // run boots the guest and serves until Shutdown.
 func run() error {
 	ignoreSignals()
@@ -68,6 +71,10 @@ func run() error {
 	rt, err := FindRuntime(params.runtime)
 	if err != nil {
 		return err
+	}
+	if err := sealBinary(rt.Path, sealedRuntimeDir); err != nil {
+		// The runtime then copies itself on each call: slower, as safe.
+		log.L.WithError(err).Warn("runtime binary stays writable")
 	}
 	ctx := context.Background()
 	port, err := findPort(ctx, "/sys/class/virtio-ports", portName, portTimeout)
