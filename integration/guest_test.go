@@ -29,6 +29,15 @@ import (
 type result struct {
 	stdout, stderr []byte
 	exit           *api.WaitProcessResponse
+	// took is how long each step took, seen from the host.
+	took phases
+}
+
+// phases splits a container's run into the agent calls that make it.
+type phases struct {
+	// start is CreateContainer + StartContainer, exit is from there to the
+	// exit's arrival, delete is DeleteContainer.
+	start, exit, delete time.Duration
 }
 
 // runBox creates and starts a container running spec in sb, feeds stdin,
@@ -38,6 +47,7 @@ func runBox(t testing.TB, sb *sandbox.Sandbox, id string, spec *specs.Spec, stdi
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c := sb.Agent()
+	began := time.Now()
 	createBox(t, ctx, c, id, spec, stdin != nil)
 	var res result
 	var outBuf, errBuf bytes.Buffer
@@ -57,6 +67,7 @@ func runBox(t testing.TB, sb *sandbox.Sandbox, id string, spec *specs.Spec, stdi
 	if _, err := c.StartContainer(ctx, &api.ContainerRequest{Id: id}); err != nil {
 		t.Fatalf("start %s: %v", id, err)
 	}
+	started := time.Now()
 	if stdin != nil {
 		if _, err := c.CopyInput(ctx, id, "", bytes.NewReader(stdin)); err != nil {
 			t.Fatalf("stdin: %v", err)
@@ -73,9 +84,11 @@ func runBox(t testing.TB, sb *sandbox.Sandbox, id string, spec *specs.Spec, stdi
 			t.Fatalf("copy output: %v", err)
 		}
 	}
+	exited := time.Now()
 	if _, err := c.DeleteContainer(ctx, &api.DeleteContainerRequest{Id: id}); err != nil {
 		t.Fatalf("delete %s: %v", id, err)
 	}
+	res.took = phases{start: started.Sub(began), exit: exited.Sub(started), delete: time.Since(exited)}
 	res.stdout, res.stderr, res.exit = outBuf.Bytes(), errBuf.Bytes(), exit
 	return res
 }

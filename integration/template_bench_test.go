@@ -53,13 +53,19 @@ func measureTemplates(b *testing.B) map[string]float64 {
 
 	floorInitrd := rawInitrd(b, "#!/bin/busybox sh\n/bin/busybox reboot -f\n")
 	var floor, cold, tmpl, coldFirst, tmplFirst []time.Duration
+	// coldSplit and tmplSplit split the first process into its calls.
+	var coldSplit, tmplSplit [3][]time.Duration
 	// firstProcess runs `true` as the VM's first container (under TCG a
 	// clone translates the guest's code afresh: QEMU's translation cache
 	// is not part of a migration).
-	firstProcess := func(sb *sandbox.Sandbox) time.Duration {
+	firstProcess := func(sb *sandbox.Sandbox, split *[3][]time.Duration) time.Duration {
 		t0 := time.Now()
-		if res := runBox(b, sb, "first", newSpec(b, "first", []string{"true"}), nil); res.exit.ExitStatus != 0 {
+		res := runBox(b, sb, "first", newSpec(b, "first", []string{"true"}), nil)
+		if res.exit.ExitStatus != 0 {
 			b.Fatalf("first process: exit %d", res.exit.ExitStatus)
+		}
+		for i, d := range []time.Duration{res.took.start, res.took.exit, res.took.delete} {
+			split[i] = append(split[i], d)
 		}
 		return time.Since(t0)
 	}
@@ -67,14 +73,14 @@ func measureTemplates(b *testing.B) map[string]float64 {
 		floor = append(floor, bareBoot(b, rootfs, floorInitrd))
 		sb := startOrFail(b, sandboxConfig(b, rootfs, vmOpts{}))
 		cold = append(cold, sb.BootTime)
-		coldFirst = append(coldFirst, firstProcess(sb))
+		coldFirst = append(coldFirst, firstProcess(sb, &coldSplit))
 		stopNow(b, sb)
 		sb = startOrFail(b, tcfg())
 		if sb.Template() != meta.Key {
 			b.Fatalf("box restored from %q, want %s", sb.Template(), meta.Key)
 		}
 		tmpl = append(tmpl, sb.BootTime)
-		tmplFirst = append(tmplFirst, firstProcess(sb))
+		tmplFirst = append(tmplFirst, firstProcess(sb, &tmplSplit))
 		stopNow(b, sb)
 	}
 	assertNoLeaks(b, 0, rootfs)
@@ -154,6 +160,9 @@ func measureTemplates(b *testing.B) map[string]float64 {
 	}
 	row("launch -> agent ready", ms(median(cold)), ms(median(tmpl)), "ms")
 	row("the VM's first process (true), start to exit", ms(median(coldFirst)), ms(median(tmplFirst)), "ms")
+	for i, step := range []string{"create + start", "to the exit", "delete"} {
+		row("  of which "+step, ms(median(coldSplit[i])), ms(median(tmplSplit[i])), "ms")
+	}
 	fmt.Printf("%-44s %8.0fms\n", "bare QEMU boot to /init and out (floor)", ms(f))
 	row("ctr run --rm true", ms(median(ctrCold)), ms(median(ctrTmpl)), "ms")
 	fmt.Printf("%-44s %8.0fms   -> boxlite/runc: cold %.1fx, template %.1fx\n", "ctr run --rm true under runc (baseline)",
