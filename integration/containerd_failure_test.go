@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // rootfsOf is the rootfs directory containerd's bundle for id holds.
@@ -65,11 +67,18 @@ func TestContainerdRestartKeepsTheBoxRunning(t *testing.T) {
 	pidGone(t, shim, "shim")
 }
 
-// TestContainerdShimSIGKILLRunsTheDeleteAction kills a box's shim: containerd
-// notices, runs the shim binary's delete action, which kills the VMM and
-// unmounts the rootfs, and publishes TaskExit 137; the container can then be
-// removed and nothing is left.
-func TestContainerdShimSIGKILLRunsTheDeleteAction(t *testing.T) {
+// TestContainerdShimDeathRunsTheDeleteAction kills a box's shim, with
+// SIGKILL (fault matrix row 1) and SIGTERM (row 2, which the shim handles
+// by shutting down): containerd notices, runs the shim binary's delete
+// action, which kills the VMM and unmounts the rootfs, and publishes
+// TaskExit 137; the container can then be removed and nothing is left.
+func TestContainerdShimDeathRunsTheDeleteAction(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) { testContainerdShimDeath(t, sig) })
+	}
+}
+
+func testContainerdShimDeath(t *testing.T, sig syscall.Signal) {
 	c := startContainerd(t)
 	id := c.runDetached(t, boxliteRuntime, []string{"--null-io"}, "sleep", "1000")
 	vmm := c.taskPid(t, id)
@@ -80,7 +89,7 @@ func TestContainerdShimSIGKILLRunsTheDeleteAction(t *testing.T) {
 	}
 	l := c.subscribe(t)
 
-	if err := syscall.Kill(shim, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(shim, sig); err != nil {
 		t.Fatal(err)
 	}
 	if !l.waitFor(id, "/tasks/exit=137", time.Minute) {
@@ -133,5 +142,32 @@ func TestContainerdVMMSIGKILLReportsExit137(t *testing.T) {
 	pidGone(t, shim, "shim")
 	if m := mountedUnder(c.rootfsOf(id)); len(m) > 0 {
 		t.Errorf("rootfs still mounted: %v", m)
+	}
+}
+
+// TestContainerdGuestKernelPanicReportsExit137 crashes the guest kernel
+// from a privileged box with `echo c > /proc/sysrq-trigger` (fault matrix
+// row 6): the VM exits at once (panic=-1, -no-reboot), the task exits 137
+// with TaskExit published, the VMM is reaped, the shim logs the end of the
+// console with the panic, and `ctr run --rm` cleans up (the harness's leak
+// checks).
+func TestContainerdGuestKernelPanicReportsExit137(t *testing.T) {
+	c := startContainerd(t)
+	l := c.subscribe(t)
+	r := c.runRm(t, boxliteRuntime, []string{"--privileged"}, "sh", "-c", "echo c > /proc/sysrq-trigger; echo survived")
+	if r.code != 137 {
+		t.Errorf("ctr run: exit %d stderr %q, want 137", r.code, r.stderr)
+	}
+	id := c.ids[len(c.ids)-1]
+	if !l.waitFor(id, "/tasks/exit=137", time.Minute) {
+		t.Errorf("no TaskExit 137 after the guest panicked: events %q", fmtEvents(l.of(id)))
+	}
+	data, err := os.ReadFile(c.logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), "console: ") || !strings.Contains(string(data), "Kernel panic") {
+		c.dumpLog(t)
+		t.Errorf("the shim did not log the console's panic message")
 	}
 }

@@ -153,11 +153,20 @@ func TestManagerForceRemoveLeavesNoZombie(t *testing.T) {
 	}
 }
 
-func TestManagerShimSIGKILLTakesTheVMMDown(t *testing.T) {
+// TestManagerShimDeathTakesTheVMMDown kills a box's shim with SIGKILL
+// (fault matrix row 1) and SIGTERM (row 2): the VMM goes with it, the box
+// reads stopped 137, and rm works.
+func TestManagerShimDeathTakesTheVMMDown(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) { testManagerShimDeath(t, sig) })
+	}
+}
+
+func testManagerShimDeath(t *testing.T, sig syscall.Signal) {
 	m := newMgr(t)
 	id := m.runD("--", "sleep", "1000")
 	shim, vmm := m.pids(id)
-	if err := syscall.Kill(shim, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(shim, sig); err != nil {
 		t.Fatal(err)
 	}
 	waitGone(t, "shim", shim)

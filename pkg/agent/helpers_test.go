@@ -84,6 +84,9 @@ func (unimplementedAgent) Resume(context.Context, *api.ContainerRequest) (*api.E
 func (unimplementedAgent) Stats(context.Context, *api.ContainerRequest) (*api.StatsResponse, error) {
 	return nil, errdefs.ErrNotImplemented
 }
+func (unimplementedAgent) UpdateContainer(context.Context, *api.UpdateContainerRequest) (*api.Empty, error) {
+	return nil, errdefs.ErrNotImplemented
+}
 func (unimplementedAgent) ReadStdio(context.Context, *api.ReadStdioRequest) (*api.ReadStdioResponse, error) {
 	return nil, errdefs.ErrNotImplemented
 }

@@ -2,6 +2,7 @@ package guest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"syscall"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"github.com/containerd/cgroups/v3/cgroup2"
 	"github.com/containerd/errdefs"
 	runc "github.com/containerd/go-runc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
@@ -16,6 +18,32 @@ import (
 
 // maxStatsSize bounds StatsResponse.metrics (agent.proto).
 const maxStatsSize = 64 << 10
+
+// maxResourcesSize bounds UpdateContainerRequest.resources (agent.proto).
+const maxResourcesSize = 256 << 10
+
+// Update applies new cgroup limits (an OCI LinuxResources in JSON) to a
+// created, running or paused container with `runtime update`.
+func (a *Agent) Update(ctx context.Context, id string, data []byte) error {
+	if len(data) > maxResourcesSize {
+		return fmt.Errorf("resources of %d bytes exceed %d: %w", len(data), maxResourcesSize, errdefs.ErrInvalidArgument)
+	}
+	var res specs.LinuxResources
+	if err := json.Unmarshal(data, &res); err != nil {
+		return fmt.Errorf("resources are not an OCI LinuxResources: %v: %w", err, errdefs.ErrInvalidArgument)
+	}
+	c, err := a.lockedContainer(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer c.unlock()
+	if err := c.require("update", statusCreated, statusRunning, statusPaused); err != nil {
+		return err
+	}
+	return c.run(ctx, "update", func(ctx context.Context, r *runc.Runc) error {
+		return r.Update(ctx, id, &res)
+	})
+}
 
 // Signal sends sig to the init (execID empty) or an exec; with all, to every
 // process of the container (init only). A process already reaped gives

@@ -55,7 +55,9 @@ func (a *Agent) Create(ctx context.Context, req *api.CreateContainerRequest) (_ 
 	pidFile := filepath.Join(c.bundle, "init.pid")
 	since := time.Now()
 	err = c.run(ctx, "create", func(ctx context.Context, r *runc.Runc) error {
-		return r.Create(ctx, id, c.bundle, stdio.createOpts(pidFile))
+		o := stdio.createOpts(pidFile)
+		o.NoNewKeyring, o.NoPivot = req.GetNoNewKeyring(), req.GetNoPivotRoot()
+		return r.Create(ctx, id, c.bundle, o)
 	})
 	// On any failure from here, the runtime may have left state behind.
 	undo.add(func() {

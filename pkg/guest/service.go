@@ -133,6 +133,11 @@ func (s *service) ListPids(ctx context.Context, req *api.ContainerRequest) (*api
 	return &api.ListPidsResponse{Pids: pids}, nil
 }
 
+// UpdateContainer changes a container's cgroup limits; see Agent.Update.
+func (s *service) UpdateContainer(ctx context.Context, req *api.UpdateContainerRequest) (*api.Empty, error) {
+	return empty, wire(ctx, "UpdateContainer", s.a.Update(ctx, req.GetId(), req.GetResources()))
+}
+
 // Pause freezes a container.
 func (s *service) Pause(ctx context.Context, req *api.ContainerRequest) (*api.Empty, error) {
 	return empty, wire(ctx, "Pause", s.a.Pause(ctx, req.GetId()))

@@ -204,6 +204,9 @@ func (s *Sandbox) watch() {
 // Agent returns the client of the guest agent.
 func (s *Sandbox) Agent() *agent.Client { return s.agent }
 
+// ConsoleTail returns up to the last n lines of the guest's console.
+func (s *Sandbox) ConsoleTail(n int) []string { return s.vm.ConsoleTail(n) }
+
 // Identity is the VMM's pid and start time.
 func (s *Sandbox) Identity() reaper.Identity { return s.vm.Identity() }
 

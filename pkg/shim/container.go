@@ -84,6 +84,8 @@ type container struct {
 	// form (hooks, annotations).
 	spec    []byte
 	ociSpec *specs.Spec
+	// opts are the container's settings from runc's options type.
+	opts taskOptions
 	// rootfs is the directory shared with the guest.
 	rootfs string
 	// mounted says the shim mounted rootfs from CreateTaskRequest.Rootfs.

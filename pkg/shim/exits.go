@@ -15,6 +15,10 @@ import (
 // exitStatusVMDied is every task's status when the VM dies under it.
 const exitStatusVMDied = 137
 
+// vmDeathConsoleLines is how much of the console the shim logs when the VM
+// dies under running processes.
+const vmDeathConsoleLines = 30
+
 // exitLoopWait bounds teardown's wait for the exit loop to publish the last
 // exits (each waits at most drainTimeout for its output).
 const exitLoopWait = 30 * time.Second
@@ -76,11 +80,13 @@ type exitLoop struct {
 	inFlight int
 	held     map[*container]exitReport
 	dead     bool
+	// console returns the VM's last console lines (nil: none to log).
+	console func(n int) []string
 }
 
-func newExitLoop(pub *publisher, pid uint32, oomKilled func() bool, containers func() []*container, onInitExit func(*container)) *exitLoop {
+func newExitLoop(pub *publisher, pid uint32, oomKilled func() bool, containers func() []*container, onInitExit func(*container), console func(n int) []string) *exitLoop {
 	l := &exitLoop{
-		pub: pub, pid: pid, oomKilled: oomKilled, containers: containers, onInitExit: onInitExit,
+		pub: pub, pid: pid, oomKilled: oomKilled, containers: containers, onInitExit: onInitExit, console: console,
 		notes: make(chan exitNote), prepared: make(chan exitReport), done: make(chan struct{}),
 		known: map[*process]bool{}, held: map[*container]exitReport{},
 	}
@@ -231,14 +237,25 @@ func (l *exitLoop) vmDied() {
 	if oom {
 		log.L.Warn("the host's OOM killer killed the vmm")
 	}
+	died := 0
 	for _, c := range l.containers() {
 		if oom && c.init != nil && live(c.init) {
 			l.pub.send(&eventstypes.TaskOOM{ContainerID: c.id})
 		}
 		for _, p := range c.processes() {
 			if live(p) {
+				died++
 				l.exited(c, p, exitInfo{status: exitStatusVMDied, at: now})
 			}
+		}
+	}
+	if died > 0 && l.console != nil {
+		// Not a stop: the guest panicked, or the VMM was killed. Its
+		// console says which.
+		lines := l.console(vmDeathConsoleLines)
+		log.L.WithField("processes", died).WithField("console_lines", len(lines)).Warn("the VM died under running processes; the end of its console follows")
+		for _, line := range lines {
+			log.L.Warn("console: " + line)
 		}
 	}
 	l.dead = true

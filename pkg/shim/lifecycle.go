@@ -77,7 +77,7 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 			if ic.isSandbox() {
 				sb.stopHealth()
 			}
-		})
+		}, sb.vm.ConsoleTail)
 		go sb.exits.pollGuest(sb.vm.Agent(), sb.vm.Done(), s.findContainer)
 	}
 	s.events.send(&eventstypes.TaskCreate{
@@ -105,8 +105,12 @@ func newContainer(ctx context.Context, r *taskAPI.CreateTaskRequest) (*container
 	if err != nil {
 		return nil, err
 	}
+	opts, err := parseTaskOptions(r.Options)
+	if err != nil {
+		return nil, err
+	}
 	return &container{id: r.ID, ns: ns, bundle: r.Bundle, role: role, sandboxID: sbID, spec: specData, ociSpec: spec,
-		execs: map[string]*process{}}, nil
+		opts: opts, execs: map[string]*process{}}, nil
 }
 
 // sandboxFor returns the sandbox c runs in: a new one for a box or a pod's
@@ -154,6 +158,7 @@ func (s *service) createInGuest(ctx context.Context, sb *sandbox, c *container, 
 	if _, err := a.CreateContainer(ctx, &api.CreateContainerRequest{
 		Id: c.id, Spec: c.spec, ShareTag: guestvm.ShareTag, Rootfs: shared.rootfs, SharedMounts: shared.mounts,
 		Stdio: stdio.agentStdio(), SandboxId: sbID, JoinNamespaces: joins, PodShmMounts: shm,
+		NoNewKeyring: c.opts.noNewKeyring, NoPivotRoot: c.opts.noPivotRoot,
 	}); err != nil {
 		return fmt.Errorf("create %s in the guest: %w", c.id, err)
 	}

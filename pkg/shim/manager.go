@@ -121,8 +121,12 @@ func (m manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ 
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	// No oom_score_adj change: a negative one fails with EPERM here, and
 	// the shim keeps its parent's score.
-	if _, err := reaper.Default().Start(cmd); err != nil {
+	p, err := reaper.Default().Start(cmd)
+	if err != nil {
 		return nil, fmt.Errorf("start shim: %w", err)
+	}
+	if err := joinShimCgroup(ctx, params, p); err != nil {
+		return nil, err
 	}
 	return &bootapi.BootstrapResult{Version: 3, Address: addr, Protocol: "ttrpc"}, nil
 }

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
@@ -106,7 +107,7 @@ var optionNames = func() string {
 // naming the option or annotation.
 func parseVMOptions(spec *specs.Spec, runtimeOpts *anypb.Any) (vmOptions, error) {
 	o := vmOptions{health: health.DefaultOptions(), templates: os.Getenv(TemplatesEnv) != "off"}
-	settings, err := decodeRuntimeOptions(runtimeOpts)
+	settings, _, err := decodeRuntimeOptions(runtimeOpts)
 	if err != nil {
 		return o, err
 	}
@@ -247,40 +248,47 @@ func (o *vmOptions) set(ann, v, what string) error {
 }
 
 // decodeRuntimeOptions reads containerd's runtime options for this runtime:
-// none, or runtimeoptions.v1.Options whose ConfigBody or ConfigPath holds a
-// TOML table of the keys in optionKeys. Any other options type (such as the
-// runc shim's) and any unknown key are errors: settings are never silently
-// dropped.
-func decodeRuntimeOptions(a *anypb.Any) (map[string]string, error) {
+// none; runtimeoptions.v1.Options whose ConfigBody or ConfigPath holds a
+// TOML table of the keys in optionKeys (returned as settings); or runc's
+// options type, which containerd's client helpers produce for any runtime
+// (returned as runc, checked by checkRuncOptions). Any other options type
+// and any unknown key are errors: settings are never silently dropped.
+func decodeRuntimeOptions(a *anypb.Any) (settings map[string]string, runc *runcoptions.Options, err error) {
 	if a == nil || (a.GetTypeUrl() == "" && len(a.GetValue()) == 0) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	v, err := typeurl.UnmarshalAny(a)
 	if err != nil {
-		return nil, fmt.Errorf("runtime options of type %s: %v: %w", a.GetTypeUrl(), err, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("runtime options of type %s: %v: %w", a.GetTypeUrl(), err, errdefs.ErrInvalidArgument)
+	}
+	if ro, ok := v.(*runcoptions.Options); ok {
+		if err := checkRuncOptions(ro); err != nil {
+			return nil, nil, err
+		}
+		return nil, ro, nil
 	}
 	ro, ok := v.(*runtimeoptions.Options)
 	if !ok {
-		return nil, fmt.Errorf("runtime options of type %s are not boxlite's: use runtimeoptions.v1.Options (a TOML config path or body): %w", a.GetTypeUrl(), errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("runtime options of type %s are not boxlite's: use runtimeoptions.v1.Options (a TOML config path or body): %w", a.GetTypeUrl(), errdefs.ErrInvalidArgument)
 	}
 	body := ro.ConfigBody
 	if len(body) == 0 && ro.ConfigPath != "" {
 		if body, err = os.ReadFile(ro.ConfigPath); err != nil {
-			return nil, fmt.Errorf("runtime options file %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
+			return nil, nil, fmt.Errorf("runtime options file %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
 		}
 	}
 	var raw map[string]any
 	if err := toml.Unmarshal(body, &raw); err != nil {
-		return nil, fmt.Errorf("runtime options %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
+		return nil, nil, fmt.Errorf("runtime options %s: %v: %w", ro.ConfigPath, err, errdefs.ErrInvalidArgument)
 	}
 	out := map[string]string{}
 	for k, val := range raw {
 		if _, ok := optionKeys[k]; !ok {
-			return nil, fmt.Errorf("runtime options %s: unknown key %q (known: %s): %w", ro.ConfigPath, k, optionNames, errdefs.ErrInvalidArgument)
+			return nil, nil, fmt.Errorf("runtime options %s: unknown key %q (known: %s): %w", ro.ConfigPath, k, optionNames, errdefs.ErrInvalidArgument)
 		}
 		out[k] = fmt.Sprint(val)
 	}
-	return out, nil
+	return out, nil, nil
 }
 
 func sortedKeys(m map[string]string) []string {

@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -32,6 +33,8 @@ type guestVM interface {
 	OOMKilled() bool
 	// Done is closed once the VMM has exited and been reaped.
 	Done() <-chan struct{}
+	// ConsoleTail returns up to the last n lines of the guest's console.
+	ConsoleTail(n int) []string
 	// Stop shuts the guest down, then the VMM; it returns once the VMM is
 	// reaped, and can be retried when it failed.
 	Stop(ctx context.Context) error
@@ -67,6 +70,8 @@ type sandbox struct {
 	exits *exitLoop
 	// healthOpts configures the health checker.
 	healthOpts health.Options
+	// memoryMiB is the VM's memory, fixed at boot.
+	memoryMiB int
 
 	// mu guards stopHealthFn and tornDown.
 	mu sync.Mutex
@@ -120,6 +125,7 @@ func (sb *sandbox) boot(ctx context.Context, first *container, runtimeOpts *anyp
 	}
 	sb.vm = vm
 	sb.healthOpts = o.health
+	sb.memoryMiB = cmp.Or(o.memoryMiB, vmm.DefaultMemoryMiB)
 	return nil
 }
 

@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -17,6 +18,9 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
+	"github.com/containerd/typeurl/v2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
@@ -279,9 +283,66 @@ func (s *service) Checkpoint(ctx context.Context, r *taskAPI.CheckpointTaskReque
 	return nil, errgrpc.ToGRPC(fmt.Errorf("checkpoint: %w", errdefs.ErrNotImplemented))
 }
 
-// Update is not supported yet: resources are fixed at Create.
+// Update changes a container's cgroup limits in the guest (memory, CPU,
+// pids, ...). The VM's own size is fixed at boot: a memory limit above
+// what the VM can give the container is refused, naming both sizes.
 func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*emptypb.Empty, error) {
-	return nil, errgrpc.ToGRPC(fmt.Errorf("update: %w", errdefs.ErrNotImplemented))
+	sb, c, err := s.getContainer(r.ID)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	res, err := decodeResources(r.Resources)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if err := sb.fits(res); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("update %s: %w", c.id, err))
+	}
+	data, err := json.Marshal(res)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if _, err := sb.vm.Agent().UpdateContainer(ctx, &api.UpdateContainerRequest{Id: c.id, Resources: data}); err != nil {
+		return nil, errgrpc.ToGRPC(fmt.Errorf("update %s in the guest: %w", c.id, err))
+	}
+	return &emptypb.Empty{}, nil
+}
+
+// decodeResources reads an update's resources: an OCI LinuxResources, as
+// containerd's client (WithResources) and CRI send them.
+func decodeResources(a *anypb.Any) (*specs.LinuxResources, error) {
+	if a == nil {
+		return nil, fmt.Errorf("update carries no resources: %w", errdefs.ErrInvalidArgument)
+	}
+	v, err := typeurl.UnmarshalAny(a)
+	if err != nil {
+		return nil, fmt.Errorf("update resources of type %s: %v: %w", a.GetTypeUrl(), err, errdefs.ErrInvalidArgument)
+	}
+	res, ok := v.(*specs.LinuxResources)
+	if !ok {
+		return nil, fmt.Errorf("update resources of type %s: want an OCI LinuxResources: %w", a.GetTypeUrl(), errdefs.ErrInvalidArgument)
+	}
+	return res, nil
+}
+
+// fits refuses resources the VM cannot provide: a memory limit (or
+// reservation) above the VM's memory less what the guest itself needs.
+func (sb *sandbox) fits(res *specs.LinuxResources) error {
+	mem := res.Memory
+	if mem == nil {
+		return nil
+	}
+	room := int64(sb.memoryMiB-guestOverheadMiB) << 20
+	for _, v := range []struct {
+		name  string
+		value *int64
+	}{{"memory limit", mem.Limit}, {"memory reservation", mem.Reservation}} {
+		if v.value != nil && *v.value > room {
+			return fmt.Errorf("%s of %d MiB exceeds what the box's VM can hold: %d MiB of its %d MiB (the VM's size is set when it boots: give the limit at create, or set %s): %w",
+				v.name, *v.value>>20, room>>20, sb.memoryMiB, AnnotationMemory, errdefs.ErrFailedPrecondition)
+		}
+	}
+	return nil
 }
 
 // Connect returns the shim's pid and the task's (the VMM's) pid.

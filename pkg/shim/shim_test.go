@@ -218,7 +218,8 @@ func TestRuntimeOptionsAreDefaultsAnnotationsOverride(t *testing.T) {
 		{"bad value", body("accel = \"warp\""), nil, vmOptions{}, "runtime option accel"},
 		{"not toml", body("vcpus = = 2"), nil, vmOptions{}, "runtime options"},
 		{"missing file", pathOpts, nil, vmOptions{}, missing},
-		{"runc's options type", runcOpts, nil, vmOptions{}, "not boxlite's"},
+		{"runc's options type with a binary", runcOpts, nil, vmOptions{}, "binary_name runc"},
+		{"another options type", anyOf(t, &runcoptions.CheckpointOptions{}), nil, vmOptions{}, "not boxlite's"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -400,7 +400,11 @@ type CreateContainerRequest struct {
 	// pod's /dev/shm: the agent serves them from one guest tmpfs per pod
 	// (made for the sandbox container, named by sandbox_id for the app
 	// containers) instead of the share.
-	PodShmMounts  []uint32 `protobuf:"varint,9,rep,packed,name=pod_shm_mounts,json=podShmMounts,proto3" json:"pod_shm_mounts,omitempty"`
+	PodShmMounts []uint32 `protobuf:"varint,9,rep,packed,name=pod_shm_mounts,json=podShmMounts,proto3" json:"pod_shm_mounts,omitempty"`
+	// no_new_keyring and no_pivot_root are the runtime's flags of those
+	// names (containerd's runc options NoNewKeyring and NoPivotRoot).
+	NoNewKeyring  bool `protobuf:"varint,11,opt,name=no_new_keyring,json=noNewKeyring,proto3" json:"no_new_keyring,omitempty"`
+	NoPivotRoot   bool `protobuf:"varint,12,opt,name=no_pivot_root,json=noPivotRoot,proto3" json:"no_pivot_root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -498,6 +502,75 @@ func (x *CreateContainerRequest) GetPodShmMounts() []uint32 {
 	return nil
 }
 
+func (x *CreateContainerRequest) GetNoNewKeyring() bool {
+	if x != nil {
+		return x.NoNewKeyring
+	}
+	return false
+}
+
+func (x *CreateContainerRequest) GetNoPivotRoot() bool {
+	if x != nil {
+		return x.NoPivotRoot
+	}
+	return false
+}
+
+type UpdateContainerRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// resources is an OCI runtime-spec LinuxResources as JSON, at most
+	// 256 KiB: what `runtime update --resources` applies to the
+	// container's cgroup.
+	Resources     []byte `protobuf:"bytes,2,opt,name=resources,proto3" json:"resources,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateContainerRequest) Reset() {
+	*x = UpdateContainerRequest{}
+	mi := &file_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateContainerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateContainerRequest) ProtoMessage() {}
+
+func (x *UpdateContainerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateContainerRequest.ProtoReflect.Descriptor instead.
+func (*UpdateContainerRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *UpdateContainerRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateContainerRequest) GetResources() []byte {
+	if x != nil {
+		return x.Resources
+	}
+	return nil
+}
+
 type SharedMount struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// index of the mount in spec.mounts.
@@ -517,7 +590,7 @@ type SharedMount struct {
 
 func (x *SharedMount) Reset() {
 	*x = SharedMount{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +602,7 @@ func (x *SharedMount) String() string {
 func (*SharedMount) ProtoMessage() {}
 
 func (x *SharedMount) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +615,7 @@ func (x *SharedMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SharedMount.ProtoReflect.Descriptor instead.
 func (*SharedMount) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SharedMount) GetIndex() uint32 {
@@ -580,7 +653,7 @@ type Submount struct {
 
 func (x *Submount) Reset() {
 	*x = Submount{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +665,7 @@ func (x *Submount) String() string {
 func (*Submount) ProtoMessage() {}
 
 func (x *Submount) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +678,7 @@ func (x *Submount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Submount.ProtoReflect.Descriptor instead.
 func (*Submount) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Submount) GetSubpath() string {
@@ -647,7 +720,7 @@ type ConfigureNetworkRequest struct {
 
 func (x *ConfigureNetworkRequest) Reset() {
 	*x = ConfigureNetworkRequest{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +732,7 @@ func (x *ConfigureNetworkRequest) String() string {
 func (*ConfigureNetworkRequest) ProtoMessage() {}
 
 func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +745,7 @@ func (x *ConfigureNetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigureNetworkRequest.ProtoReflect.Descriptor instead.
 func (*ConfigureNetworkRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ConfigureNetworkRequest) GetId() string {
@@ -722,7 +795,7 @@ type Interface struct {
 
 func (x *Interface) Reset() {
 	*x = Interface{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -734,7 +807,7 @@ func (x *Interface) String() string {
 func (*Interface) ProtoMessage() {}
 
 func (x *Interface) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -747,7 +820,7 @@ func (x *Interface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Interface.ProtoReflect.Descriptor instead.
 func (*Interface) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Interface) GetDeviceMac() string {
@@ -805,7 +878,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +890,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +903,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Route) GetDest() string {
@@ -887,7 +960,7 @@ type Neighbor struct {
 
 func (x *Neighbor) Reset() {
 	*x = Neighbor{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -899,7 +972,7 @@ func (x *Neighbor) String() string {
 func (*Neighbor) ProtoMessage() {}
 
 func (x *Neighbor) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -912,7 +985,7 @@ func (x *Neighbor) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Neighbor.ProtoReflect.Descriptor instead.
 func (*Neighbor) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Neighbor) GetIp() string {
@@ -946,7 +1019,7 @@ type CreateContainerResponse struct {
 
 func (x *CreateContainerResponse) Reset() {
 	*x = CreateContainerResponse{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1031,7 @@ func (x *CreateContainerResponse) String() string {
 func (*CreateContainerResponse) ProtoMessage() {}
 
 func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1044,7 @@ func (x *CreateContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateContainerResponse.ProtoReflect.Descriptor instead.
 func (*CreateContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateContainerResponse) GetPid() uint32 {
@@ -990,7 +1063,7 @@ type ContainerRequest struct {
 
 func (x *ContainerRequest) Reset() {
 	*x = ContainerRequest{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1002,7 +1075,7 @@ func (x *ContainerRequest) String() string {
 func (*ContainerRequest) ProtoMessage() {}
 
 func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1015,7 +1088,7 @@ func (x *ContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRequest.ProtoReflect.Descriptor instead.
 func (*ContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ContainerRequest) GetId() string {
@@ -1035,7 +1108,7 @@ type ProcessRequest struct {
 
 func (x *ProcessRequest) Reset() {
 	*x = ProcessRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1047,7 +1120,7 @@ func (x *ProcessRequest) String() string {
 func (*ProcessRequest) ProtoMessage() {}
 
 func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1060,7 +1133,7 @@ func (x *ProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRequest.ProtoReflect.Descriptor instead.
 func (*ProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProcessRequest) GetId() string {
@@ -1086,7 +1159,7 @@ type StartContainerResponse struct {
 
 func (x *StartContainerResponse) Reset() {
 	*x = StartContainerResponse{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1171,7 @@ func (x *StartContainerResponse) String() string {
 func (*StartContainerResponse) ProtoMessage() {}
 
 func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1184,7 @@ func (x *StartContainerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartContainerResponse.ProtoReflect.Descriptor instead.
 func (*StartContainerResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StartContainerResponse) GetPid() uint32 {
@@ -1134,7 +1207,7 @@ type ExecProcessRequest struct {
 
 func (x *ExecProcessRequest) Reset() {
 	*x = ExecProcessRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1146,7 +1219,7 @@ func (x *ExecProcessRequest) String() string {
 func (*ExecProcessRequest) ProtoMessage() {}
 
 func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1159,7 +1232,7 @@ func (x *ExecProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessRequest.ProtoReflect.Descriptor instead.
 func (*ExecProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ExecProcessRequest) GetId() string {
@@ -1199,7 +1272,7 @@ type ExecProcessResponse struct {
 
 func (x *ExecProcessResponse) Reset() {
 	*x = ExecProcessResponse{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1211,7 +1284,7 @@ func (x *ExecProcessResponse) String() string {
 func (*ExecProcessResponse) ProtoMessage() {}
 
 func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1224,7 +1297,7 @@ func (x *ExecProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecProcessResponse.ProtoReflect.Descriptor instead.
 func (*ExecProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ExecProcessResponse) GetPid() uint32 {
@@ -1247,7 +1320,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1259,7 +1332,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1272,7 +1345,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SignalProcessRequest) GetId() string {
@@ -1315,7 +1388,7 @@ type WaitProcessRequest struct {
 
 func (x *WaitProcessRequest) Reset() {
 	*x = WaitProcessRequest{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +1400,7 @@ func (x *WaitProcessRequest) String() string {
 func (*WaitProcessRequest) ProtoMessage() {}
 
 func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +1413,7 @@ func (x *WaitProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessRequest.ProtoReflect.Descriptor instead.
 func (*WaitProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WaitProcessRequest) GetId() string {
@@ -1380,7 +1453,7 @@ type WaitProcessResponse struct {
 
 func (x *WaitProcessResponse) Reset() {
 	*x = WaitProcessResponse{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1465,7 @@ func (x *WaitProcessResponse) String() string {
 func (*WaitProcessResponse) ProtoMessage() {}
 
 func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1478,7 @@ func (x *WaitProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitProcessResponse.ProtoReflect.Descriptor instead.
 func (*WaitProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WaitProcessResponse) GetExited() bool {
@@ -1446,7 +1519,7 @@ type DeleteContainerRequest struct {
 
 func (x *DeleteContainerRequest) Reset() {
 	*x = DeleteContainerRequest{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1458,7 +1531,7 @@ func (x *DeleteContainerRequest) String() string {
 func (*DeleteContainerRequest) ProtoMessage() {}
 
 func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1471,7 +1544,7 @@ func (x *DeleteContainerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteContainerRequest.ProtoReflect.Descriptor instead.
 func (*DeleteContainerRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteContainerRequest) GetId() string {
@@ -1500,7 +1573,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1512,7 +1585,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1525,7 +1598,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StateResponse) GetId() string {
@@ -1558,7 +1631,7 @@ type ListPidsResponse struct {
 
 func (x *ListPidsResponse) Reset() {
 	*x = ListPidsResponse{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1570,7 +1643,7 @@ func (x *ListPidsResponse) String() string {
 func (*ListPidsResponse) ProtoMessage() {}
 
 func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1583,7 +1656,7 @@ func (x *ListPidsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPidsResponse.ProtoReflect.Descriptor instead.
 func (*ListPidsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListPidsResponse) GetPids() []uint32 {
@@ -1604,7 +1677,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1689,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1702,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StatsResponse) GetMetrics() []byte {
@@ -1656,7 +1729,7 @@ type ReadStdioRequest struct {
 
 func (x *ReadStdioRequest) Reset() {
 	*x = ReadStdioRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +1741,7 @@ func (x *ReadStdioRequest) String() string {
 func (*ReadStdioRequest) ProtoMessage() {}
 
 func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +1754,7 @@ func (x *ReadStdioRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioRequest.ProtoReflect.Descriptor instead.
 func (*ReadStdioRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ReadStdioRequest) GetId() string {
@@ -1738,7 +1811,7 @@ type ReadStdioResponse struct {
 
 func (x *ReadStdioResponse) Reset() {
 	*x = ReadStdioResponse{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1750,7 +1823,7 @@ func (x *ReadStdioResponse) String() string {
 func (*ReadStdioResponse) ProtoMessage() {}
 
 func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1763,7 +1836,7 @@ func (x *ReadStdioResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadStdioResponse.ProtoReflect.Descriptor instead.
 func (*ReadStdioResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReadStdioResponse) GetData() []byte {
@@ -1795,7 +1868,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1807,7 +1880,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1820,7 +1893,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WriteStdinRequest) GetId() string {
@@ -1861,7 +1934,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1873,7 +1946,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1886,7 +1959,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *WriteStdinResponse) GetWritten() uint64 {
@@ -1906,7 +1979,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +1991,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1931,7 +2004,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CloseStdinRequest) GetId() string {
@@ -1960,7 +2033,7 @@ type ResizePtyRequest struct {
 
 func (x *ResizePtyRequest) Reset() {
 	*x = ResizePtyRequest{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1972,7 +2045,7 @@ func (x *ResizePtyRequest) String() string {
 func (*ResizePtyRequest) ProtoMessage() {}
 
 func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1985,7 +2058,7 @@ func (x *ResizePtyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizePtyRequest.ProtoReflect.Descriptor instead.
 func (*ResizePtyRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ResizePtyRequest) GetId() string {
@@ -2026,7 +2099,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2111,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2124,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *EventsRequest) GetAfter() uint64 {
@@ -2083,7 +2156,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2095,7 +2168,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2108,7 +2181,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Event) GetSeq() uint64 {
@@ -2173,7 +2246,7 @@ type EventsResponse struct {
 
 func (x *EventsResponse) Reset() {
 	*x = EventsResponse{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2258,7 @@ func (x *EventsResponse) String() string {
 func (*EventsResponse) ProtoMessage() {}
 
 func (x *EventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2271,7 @@ func (x *EventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsResponse.ProtoReflect.Descriptor instead.
 func (*EventsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *EventsResponse) GetEvents() []*Event {
@@ -2233,7 +2306,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x05stdin\x18\x01 \x01(\bR\x05stdin\x12\x16\n" +
 	"\x06stdout\x18\x02 \x01(\bR\x06stdout\x12\x16\n" +
 	"\x06stderr\x18\x03 \x01(\bR\x06stderr\x12\x1a\n" +
-	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xd2\x02\n" +
+	"\bterminal\x18\x04 \x01(\bR\bterminal\"\xa2\x03\n" +
 	"\x16CreateContainerRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04spec\x18\x02 \x01(\fR\x04spec\x12\x1b\n" +
@@ -2244,7 +2317,13 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"sandbox_id\x18\a \x01(\tR\tsandboxId\x12'\n" +
 	"\x0fjoin_namespaces\x18\b \x03(\tR\x0ejoinNamespaces\x12$\n" +
-	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\"q\n" +
+	"\x0epod_shm_mounts\x18\t \x03(\rR\fpodShmMounts\x12$\n" +
+	"\x0eno_new_keyring\x18\v \x01(\bR\fnoNewKeyring\x12\"\n" +
+	"\rno_pivot_root\x18\f \x01(\bR\vnoPivotRootJ\x04\b\n" +
+	"\x10\v\"F\n" +
+	"\x16UpdateContainerRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
+	"\tresources\x18\x02 \x01(\fR\tresources\"q\n" +
 	"\vSharedMount\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x128\n" +
@@ -2370,7 +2449,7 @@ const file_agent_proto_rawDesc = "" +
 	"\tEventKind\x12\x11\n" +
 	"\rEVENT_UNKNOWN\x10\x00\x12\b\n" +
 	"\x04EXIT\x10\x01\x12\a\n" +
-	"\x03OOM\x10\x022\xe7\f\n" +
+	"\x03OOM\x10\x022\xbd\r\n" +
 	"\x05Agent\x12E\n" +
 	"\x04Ping\x12\x1d.boxlite.agent.v1.PingRequest\x1a\x1e.boxlite.agent.v1.PingResponse\x12f\n" +
 	"\x0fCreateContainer\x12(.boxlite.agent.v1.CreateContainerRequest\x1a).boxlite.agent.v1.CreateContainerResponse\x12V\n" +
@@ -2386,6 +2465,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x05Pause\x12\".boxlite.agent.v1.ContainerRequest\x1a\x17.boxlite.agent.v1.Empty\x12E\n" +
 	"\x06Resume\x12\".boxlite.agent.v1.ContainerRequest\x1a\x17.boxlite.agent.v1.Empty\x12L\n" +
 	"\x05Stats\x12\".boxlite.agent.v1.ContainerRequest\x1a\x1f.boxlite.agent.v1.StatsResponse\x12T\n" +
+	"\x0fUpdateContainer\x12(.boxlite.agent.v1.UpdateContainerRequest\x1a\x17.boxlite.agent.v1.Empty\x12T\n" +
 	"\tReadStdio\x12\".boxlite.agent.v1.ReadStdioRequest\x1a#.boxlite.agent.v1.ReadStdioResponse\x12W\n" +
 	"\n" +
 	"WriteStdin\x12#.boxlite.agent.v1.WriteStdinRequest\x1a$.boxlite.agent.v1.WriteStdinResponse\x12J\n" +
@@ -2408,7 +2488,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_agent_proto_goTypes = []any{
 	(StdioStream)(0),                // 0: boxlite.agent.v1.StdioStream
 	(EventKind)(0),                  // 1: boxlite.agent.v1.EventKind
@@ -2417,88 +2497,91 @@ var file_agent_proto_goTypes = []any{
 	(*PingResponse)(nil),            // 4: boxlite.agent.v1.PingResponse
 	(*Stdio)(nil),                   // 5: boxlite.agent.v1.Stdio
 	(*CreateContainerRequest)(nil),  // 6: boxlite.agent.v1.CreateContainerRequest
-	(*SharedMount)(nil),             // 7: boxlite.agent.v1.SharedMount
-	(*Submount)(nil),                // 8: boxlite.agent.v1.Submount
-	(*ConfigureNetworkRequest)(nil), // 9: boxlite.agent.v1.ConfigureNetworkRequest
-	(*Interface)(nil),               // 10: boxlite.agent.v1.Interface
-	(*Route)(nil),                   // 11: boxlite.agent.v1.Route
-	(*Neighbor)(nil),                // 12: boxlite.agent.v1.Neighbor
-	(*CreateContainerResponse)(nil), // 13: boxlite.agent.v1.CreateContainerResponse
-	(*ContainerRequest)(nil),        // 14: boxlite.agent.v1.ContainerRequest
-	(*ProcessRequest)(nil),          // 15: boxlite.agent.v1.ProcessRequest
-	(*StartContainerResponse)(nil),  // 16: boxlite.agent.v1.StartContainerResponse
-	(*ExecProcessRequest)(nil),      // 17: boxlite.agent.v1.ExecProcessRequest
-	(*ExecProcessResponse)(nil),     // 18: boxlite.agent.v1.ExecProcessResponse
-	(*SignalProcessRequest)(nil),    // 19: boxlite.agent.v1.SignalProcessRequest
-	(*WaitProcessRequest)(nil),      // 20: boxlite.agent.v1.WaitProcessRequest
-	(*WaitProcessResponse)(nil),     // 21: boxlite.agent.v1.WaitProcessResponse
-	(*DeleteContainerRequest)(nil),  // 22: boxlite.agent.v1.DeleteContainerRequest
-	(*StateResponse)(nil),           // 23: boxlite.agent.v1.StateResponse
-	(*ListPidsResponse)(nil),        // 24: boxlite.agent.v1.ListPidsResponse
-	(*StatsResponse)(nil),           // 25: boxlite.agent.v1.StatsResponse
-	(*ReadStdioRequest)(nil),        // 26: boxlite.agent.v1.ReadStdioRequest
-	(*ReadStdioResponse)(nil),       // 27: boxlite.agent.v1.ReadStdioResponse
-	(*WriteStdinRequest)(nil),       // 28: boxlite.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),      // 29: boxlite.agent.v1.WriteStdinResponse
-	(*CloseStdinRequest)(nil),       // 30: boxlite.agent.v1.CloseStdinRequest
-	(*ResizePtyRequest)(nil),        // 31: boxlite.agent.v1.ResizePtyRequest
-	(*EventsRequest)(nil),           // 32: boxlite.agent.v1.EventsRequest
-	(*Event)(nil),                   // 33: boxlite.agent.v1.Event
-	(*EventsResponse)(nil),          // 34: boxlite.agent.v1.EventsResponse
+	(*UpdateContainerRequest)(nil),  // 7: boxlite.agent.v1.UpdateContainerRequest
+	(*SharedMount)(nil),             // 8: boxlite.agent.v1.SharedMount
+	(*Submount)(nil),                // 9: boxlite.agent.v1.Submount
+	(*ConfigureNetworkRequest)(nil), // 10: boxlite.agent.v1.ConfigureNetworkRequest
+	(*Interface)(nil),               // 11: boxlite.agent.v1.Interface
+	(*Route)(nil),                   // 12: boxlite.agent.v1.Route
+	(*Neighbor)(nil),                // 13: boxlite.agent.v1.Neighbor
+	(*CreateContainerResponse)(nil), // 14: boxlite.agent.v1.CreateContainerResponse
+	(*ContainerRequest)(nil),        // 15: boxlite.agent.v1.ContainerRequest
+	(*ProcessRequest)(nil),          // 16: boxlite.agent.v1.ProcessRequest
+	(*StartContainerResponse)(nil),  // 17: boxlite.agent.v1.StartContainerResponse
+	(*ExecProcessRequest)(nil),      // 18: boxlite.agent.v1.ExecProcessRequest
+	(*ExecProcessResponse)(nil),     // 19: boxlite.agent.v1.ExecProcessResponse
+	(*SignalProcessRequest)(nil),    // 20: boxlite.agent.v1.SignalProcessRequest
+	(*WaitProcessRequest)(nil),      // 21: boxlite.agent.v1.WaitProcessRequest
+	(*WaitProcessResponse)(nil),     // 22: boxlite.agent.v1.WaitProcessResponse
+	(*DeleteContainerRequest)(nil),  // 23: boxlite.agent.v1.DeleteContainerRequest
+	(*StateResponse)(nil),           // 24: boxlite.agent.v1.StateResponse
+	(*ListPidsResponse)(nil),        // 25: boxlite.agent.v1.ListPidsResponse
+	(*StatsResponse)(nil),           // 26: boxlite.agent.v1.StatsResponse
+	(*ReadStdioRequest)(nil),        // 27: boxlite.agent.v1.ReadStdioRequest
+	(*ReadStdioResponse)(nil),       // 28: boxlite.agent.v1.ReadStdioResponse
+	(*WriteStdinRequest)(nil),       // 29: boxlite.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),      // 30: boxlite.agent.v1.WriteStdinResponse
+	(*CloseStdinRequest)(nil),       // 31: boxlite.agent.v1.CloseStdinRequest
+	(*ResizePtyRequest)(nil),        // 32: boxlite.agent.v1.ResizePtyRequest
+	(*EventsRequest)(nil),           // 33: boxlite.agent.v1.EventsRequest
+	(*Event)(nil),                   // 34: boxlite.agent.v1.Event
+	(*EventsResponse)(nil),          // 35: boxlite.agent.v1.EventsResponse
 }
 var file_agent_proto_depIdxs = []int32{
 	5,  // 0: boxlite.agent.v1.CreateContainerRequest.stdio:type_name -> boxlite.agent.v1.Stdio
-	7,  // 1: boxlite.agent.v1.CreateContainerRequest.shared_mounts:type_name -> boxlite.agent.v1.SharedMount
-	8,  // 2: boxlite.agent.v1.SharedMount.submounts:type_name -> boxlite.agent.v1.Submount
-	10, // 3: boxlite.agent.v1.ConfigureNetworkRequest.interfaces:type_name -> boxlite.agent.v1.Interface
-	11, // 4: boxlite.agent.v1.ConfigureNetworkRequest.routes:type_name -> boxlite.agent.v1.Route
-	12, // 5: boxlite.agent.v1.ConfigureNetworkRequest.neighbors:type_name -> boxlite.agent.v1.Neighbor
+	8,  // 1: boxlite.agent.v1.CreateContainerRequest.shared_mounts:type_name -> boxlite.agent.v1.SharedMount
+	9,  // 2: boxlite.agent.v1.SharedMount.submounts:type_name -> boxlite.agent.v1.Submount
+	11, // 3: boxlite.agent.v1.ConfigureNetworkRequest.interfaces:type_name -> boxlite.agent.v1.Interface
+	12, // 4: boxlite.agent.v1.ConfigureNetworkRequest.routes:type_name -> boxlite.agent.v1.Route
+	13, // 5: boxlite.agent.v1.ConfigureNetworkRequest.neighbors:type_name -> boxlite.agent.v1.Neighbor
 	5,  // 6: boxlite.agent.v1.ExecProcessRequest.stdio:type_name -> boxlite.agent.v1.Stdio
 	0,  // 7: boxlite.agent.v1.ReadStdioRequest.stream:type_name -> boxlite.agent.v1.StdioStream
 	1,  // 8: boxlite.agent.v1.Event.kind:type_name -> boxlite.agent.v1.EventKind
-	33, // 9: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
+	34, // 9: boxlite.agent.v1.EventsResponse.events:type_name -> boxlite.agent.v1.Event
 	3,  // 10: boxlite.agent.v1.Agent.Ping:input_type -> boxlite.agent.v1.PingRequest
 	6,  // 11: boxlite.agent.v1.Agent.CreateContainer:input_type -> boxlite.agent.v1.CreateContainerRequest
-	9,  // 12: boxlite.agent.v1.Agent.ConfigureNetwork:input_type -> boxlite.agent.v1.ConfigureNetworkRequest
-	14, // 13: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
-	17, // 14: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
-	19, // 15: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
-	20, // 16: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
-	15, // 17: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
-	22, // 18: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
-	14, // 19: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
-	14, // 20: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
-	14, // 21: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
-	14, // 22: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
-	14, // 23: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
-	26, // 24: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
-	28, // 25: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
-	30, // 26: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
-	31, // 27: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
-	32, // 28: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
-	2,  // 29: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
-	4,  // 30: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
-	13, // 31: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
-	2,  // 32: boxlite.agent.v1.Agent.ConfigureNetwork:output_type -> boxlite.agent.v1.Empty
-	16, // 33: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
-	18, // 34: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
-	2,  // 35: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
-	21, // 36: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
-	2,  // 37: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
-	2,  // 38: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
-	23, // 39: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
-	24, // 40: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
-	2,  // 41: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
-	2,  // 42: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
-	25, // 43: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
-	27, // 44: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
-	29, // 45: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
-	2,  // 46: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
-	2,  // 47: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
-	34, // 48: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
-	2,  // 49: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
-	30, // [30:50] is the sub-list for method output_type
-	10, // [10:30] is the sub-list for method input_type
+	10, // 12: boxlite.agent.v1.Agent.ConfigureNetwork:input_type -> boxlite.agent.v1.ConfigureNetworkRequest
+	15, // 13: boxlite.agent.v1.Agent.StartContainer:input_type -> boxlite.agent.v1.ContainerRequest
+	18, // 14: boxlite.agent.v1.Agent.ExecProcess:input_type -> boxlite.agent.v1.ExecProcessRequest
+	20, // 15: boxlite.agent.v1.Agent.SignalProcess:input_type -> boxlite.agent.v1.SignalProcessRequest
+	21, // 16: boxlite.agent.v1.Agent.WaitProcess:input_type -> boxlite.agent.v1.WaitProcessRequest
+	16, // 17: boxlite.agent.v1.Agent.DeleteProcess:input_type -> boxlite.agent.v1.ProcessRequest
+	23, // 18: boxlite.agent.v1.Agent.DeleteContainer:input_type -> boxlite.agent.v1.DeleteContainerRequest
+	15, // 19: boxlite.agent.v1.Agent.State:input_type -> boxlite.agent.v1.ContainerRequest
+	15, // 20: boxlite.agent.v1.Agent.ListPids:input_type -> boxlite.agent.v1.ContainerRequest
+	15, // 21: boxlite.agent.v1.Agent.Pause:input_type -> boxlite.agent.v1.ContainerRequest
+	15, // 22: boxlite.agent.v1.Agent.Resume:input_type -> boxlite.agent.v1.ContainerRequest
+	15, // 23: boxlite.agent.v1.Agent.Stats:input_type -> boxlite.agent.v1.ContainerRequest
+	7,  // 24: boxlite.agent.v1.Agent.UpdateContainer:input_type -> boxlite.agent.v1.UpdateContainerRequest
+	27, // 25: boxlite.agent.v1.Agent.ReadStdio:input_type -> boxlite.agent.v1.ReadStdioRequest
+	29, // 26: boxlite.agent.v1.Agent.WriteStdin:input_type -> boxlite.agent.v1.WriteStdinRequest
+	31, // 27: boxlite.agent.v1.Agent.CloseStdin:input_type -> boxlite.agent.v1.CloseStdinRequest
+	32, // 28: boxlite.agent.v1.Agent.ResizePty:input_type -> boxlite.agent.v1.ResizePtyRequest
+	33, // 29: boxlite.agent.v1.Agent.Events:input_type -> boxlite.agent.v1.EventsRequest
+	2,  // 30: boxlite.agent.v1.Agent.Shutdown:input_type -> boxlite.agent.v1.Empty
+	4,  // 31: boxlite.agent.v1.Agent.Ping:output_type -> boxlite.agent.v1.PingResponse
+	14, // 32: boxlite.agent.v1.Agent.CreateContainer:output_type -> boxlite.agent.v1.CreateContainerResponse
+	2,  // 33: boxlite.agent.v1.Agent.ConfigureNetwork:output_type -> boxlite.agent.v1.Empty
+	17, // 34: boxlite.agent.v1.Agent.StartContainer:output_type -> boxlite.agent.v1.StartContainerResponse
+	19, // 35: boxlite.agent.v1.Agent.ExecProcess:output_type -> boxlite.agent.v1.ExecProcessResponse
+	2,  // 36: boxlite.agent.v1.Agent.SignalProcess:output_type -> boxlite.agent.v1.Empty
+	22, // 37: boxlite.agent.v1.Agent.WaitProcess:output_type -> boxlite.agent.v1.WaitProcessResponse
+	2,  // 38: boxlite.agent.v1.Agent.DeleteProcess:output_type -> boxlite.agent.v1.Empty
+	2,  // 39: boxlite.agent.v1.Agent.DeleteContainer:output_type -> boxlite.agent.v1.Empty
+	24, // 40: boxlite.agent.v1.Agent.State:output_type -> boxlite.agent.v1.StateResponse
+	25, // 41: boxlite.agent.v1.Agent.ListPids:output_type -> boxlite.agent.v1.ListPidsResponse
+	2,  // 42: boxlite.agent.v1.Agent.Pause:output_type -> boxlite.agent.v1.Empty
+	2,  // 43: boxlite.agent.v1.Agent.Resume:output_type -> boxlite.agent.v1.Empty
+	26, // 44: boxlite.agent.v1.Agent.Stats:output_type -> boxlite.agent.v1.StatsResponse
+	2,  // 45: boxlite.agent.v1.Agent.UpdateContainer:output_type -> boxlite.agent.v1.Empty
+	28, // 46: boxlite.agent.v1.Agent.ReadStdio:output_type -> boxlite.agent.v1.ReadStdioResponse
+	30, // 47: boxlite.agent.v1.Agent.WriteStdin:output_type -> boxlite.agent.v1.WriteStdinResponse
+	2,  // 48: boxlite.agent.v1.Agent.CloseStdin:output_type -> boxlite.agent.v1.Empty
+	2,  // 49: boxlite.agent.v1.Agent.ResizePty:output_type -> boxlite.agent.v1.Empty
+	35, // 50: boxlite.agent.v1.Agent.Events:output_type -> boxlite.agent.v1.EventsResponse
+	2,  // 51: boxlite.agent.v1.Agent.Shutdown:output_type -> boxlite.agent.v1.Empty
+	31, // [31:52] is the sub-list for method output_type
+	10, // [10:31] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -2515,7 +2598,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   33,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

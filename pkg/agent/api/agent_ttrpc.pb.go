@@ -22,6 +22,7 @@ type AgentService interface {
 	Pause(context.Context, *ContainerRequest) (*Empty, error)
 	Resume(context.Context, *ContainerRequest) (*Empty, error)
 	Stats(context.Context, *ContainerRequest) (*StatsResponse, error)
+	UpdateContainer(context.Context, *UpdateContainerRequest) (*Empty, error)
 	ReadStdio(context.Context, *ReadStdioRequest) (*ReadStdioResponse, error)
 	WriteStdin(context.Context, *WriteStdinRequest) (*WriteStdinResponse, error)
 	CloseStdin(context.Context, *CloseStdinRequest) (*Empty, error)
@@ -130,6 +131,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.Stats(ctx, &req)
+			},
+			"UpdateContainer": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req UpdateContainerRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.UpdateContainer(ctx, &req)
 			},
 			"ReadStdio": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ReadStdioRequest
@@ -294,6 +302,14 @@ func (c *agentClient) Resume(ctx context.Context, req *ContainerRequest) (*Empty
 func (c *agentClient) Stats(ctx context.Context, req *ContainerRequest) (*StatsResponse, error) {
 	var resp StatsResponse
 	if err := c.client.Call(ctx, "boxlite.agent.v1.Agent", "Stats", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) UpdateContainer(ctx context.Context, req *UpdateContainerRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "boxlite.agent.v1.Agent", "UpdateContainer", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
