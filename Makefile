@@ -62,6 +62,28 @@ check: $(BIN)/boxlite ## Tell whether boxes can run on this machine.
 unit: ## Run the unit tests (with -race).
 	$(GO) test -race -count=1 ./pkg/... ./internal/... ./cmd/...
 
+# The fuzz targets of the host side of the agent protocol (the bytes a
+# hostile guest controls), as package:target: go test fuzzes one target per
+# run. Their seed corpora (f.Add and testdata/fuzz) run with the unit tests.
+FUZZ_TARGETS := \
+	./pkg/agent/:FuzzGuardConn ./pkg/agent/:FuzzReplyFrame ./pkg/agent/:FuzzReplyPayload \
+	./pkg/agent/:FuzzCopyOutput ./pkg/agent/:FuzzCopyInput ./pkg/agent/:FuzzWait \
+	./pkg/shim/:FuzzPollGuestEvents ./pkg/shim/:FuzzGuestFigures
+FUZZTIME ?= 20s
+# The fuzzer minimizes each new input it keeps, for up to 60 s by default;
+# these targets run goroutines (a ttrpc client and server), whose scheduling
+# makes coverage vary, so unbounded minimization stalls them for most of
+# FUZZTIME.
+FUZZMINIMIZETIME ?= 1s
+
+.PHONY: fuzz
+fuzz: ## Fuzz the host side of the agent protocol, each target for FUZZTIME (20s).
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZETIME) $$pkg; \
+	done
+
 .PHONY: integration
 integration: build critest ## Run the integration tests (boot real microVMs).
 	$(GO) test -count=1 -timeout 40m -v ./integration/...
@@ -71,7 +93,7 @@ integration-cold: build critest ## The integration tests again with VM templates
 	BOXLITE_TEMPLATES=off $(GO) test -count=1 -timeout 40m ./integration/...
 
 .PHONY: test
-test: setup build lint unit integration integration-cold ## Everything CI runs: setup, build, lint, unit and integration tests (with VM templates, then without).
+test: setup build lint unit fuzz integration integration-cold ## Everything CI runs: setup, build, lint, unit tests, 20 s of fuzzing per target, integration tests (with VM templates, then without).
 
 .PHONY: lint
 lint: ## go vet and gofmt.
