@@ -77,6 +77,13 @@ func checkQEMU(ctx context.Context, r *checkReport, bin string) {
 		return
 	}
 	r.fact("qemu", "%s (%s)", path, version)
+	if err := vmm.CheckSandbox(ctx, path); err != nil {
+		r.fact("vmm", "QEMU cannot apply its seccomp filter")
+		r.problem(fmt.Errorf("%w: a QEMU built with seccomp is needed (Debian's is)", err))
+		return
+	}
+	// What every VMM gets (pkg/vmm): docs/design.md "A confined VMM".
+	r.fact("vmm", "confined: seccomp filter (-sandbox %s), chroot into an empty read-only root, QMP and agent sockets 0600 passed as descriptors; runs as root (the 9p share needs it)", vmm.SeccompSandbox)
 }
 
 func checkAccel(r *checkReport, want vmm.Accel) {

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
@@ -302,5 +304,40 @@ func TestBootAgentPortReachesTheHostSocket(t *testing.T) {
 	}
 	if err := q.Stop(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The VMM runs confined (issue 11): under QEMU's seccomp filter (-sandbox,
+// every optional deny list), chrooted into its empty root, and its QMP and
+// agent sockets only open to their owner. Verified two-sided: without
+// -sandbox, /proc shows Seccomp 0; without the chmod, the sockets follow the
+// umask.
+func TestBootVMMIsConfined(t *testing.T) {
+	q := bootVM(t, "sleep")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// The sockets are made at Start: a permissive umask must not reach them.
+	old := unix.Umask(0)
+	err := q.Start(ctx)
+	unix.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Stop(ctx)
+	waitConsole(t, q, "hello from init")
+	status, err := os.ReadFile(procPid(q) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(status), "\nSeccomp:\t2\n") {
+		t.Errorf("the VMM is not under a seccomp filter:\n%s", status)
+	}
+	if root, err := os.Readlink(procPid(q) + "/root"); err != nil || root != q.rootPath {
+		t.Errorf("the VMM's root is %q (%v), want its chroot %s", root, err, q.rootPath)
+	}
+	for _, sock := range []string{q.qmpPath, q.agentPath} {
+		if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: mode %v (%v), want 0600", sock, fi.Mode().Perm(), err)
+		}
 	}
 }

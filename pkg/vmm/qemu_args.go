@@ -23,6 +23,10 @@ const (
 	AgentPortName = "agent"
 )
 
+// SeccompSandbox is QEMU's -sandbox argument: its seccomp filter with every
+// optional deny list on.
+const SeccompSandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
 // launchFDs are the child's descriptor numbers of the listening sockets
 // passed to QEMU (ExtraFiles start at 3).
 type launchFDs struct {
@@ -64,6 +68,10 @@ func qemuArgs(c *Config, accel Accel, fds launchFDs) []string {
 		"-m", strconv.Itoa(c.MemoryMiB),
 		"-smp", strconv.Itoa(c.VCPUs),
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// QEMU's seccomp filter: a guest that takes over QEMU cannot
+		// use obsolete system calls, change its uid or gid, start a
+		// process, or change scheduling and resource limits.
+		"-sandbox", SeccompSandbox,
 		// -nodefaults drops the default serial: put the console on stdout.
 		"-chardev", "stdio,id=console,signal=off",
 		"-serial", "chardev:console",

@@ -20,6 +20,7 @@ func TestQEMUArgsTCG(t *testing.T) {
 		"-accel", "tcg", "-cpu", "max",
 		"-m", "256", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
 		"-kernel", "/k/vmlinux", "-initrd", "/k/initramfs.cpio",
 		"-append", "console=ttyS0 reboot=t panic=-1 quiet",

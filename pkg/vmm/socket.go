@@ -30,6 +30,13 @@ func listenUnix(path string) (*os.File, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("bind %s: %w", path, os.NewSyscallError("bind", err))
 	}
+	// Only our own user may connect (the QMP socket controls the VM),
+	// whatever the umask and the directory's mode.
+	if err := os.Chmod(path, 0o600); err != nil {
+		unix.Close(fd)
+		os.Remove(path)
+		return nil, err
+	}
 	if err := unix.Listen(fd, 8); err != nil {
 		unix.Close(fd)
 		os.Remove(path)

@@ -80,3 +80,38 @@ func waitOrKill(ctx context.Context, proc *reaper.Process) (reaper.Exit, error) 
 	}
 	return reaper.Exit{}, err
 }
+
+// CheckSandbox starts binary with the seccomp filter every VM gets
+// (SeccompSandbox) and no machine, and has it quit over QMP on stdin: an
+// error says the filter cannot be applied here (a QEMU built without
+// seccomp, or a kernel without it), so no VM could start.
+func CheckSandbox(ctx context.Context, binary string) error {
+	ctx, cancel := withDefaultDeadline(ctx, versionTimeout)
+	defer cancel()
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	cmd := exec.Command(binary, "-sandbox", SeccompSandbox, "-M", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio")
+	cmd.Stdin = strings.NewReader(`{"execute":"qmp_capabilities"}` + "\n" + `{"execute":"quit"}` + "\n")
+	cmd.Stdout, cmd.Stderr = w, w
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	proc, err := reaper.Default().Start(cmd)
+	w.Close()
+	if err != nil {
+		return fmt.Errorf("%s -sandbox: %w", binary, err)
+	}
+	out, readErr := readBounded(ctx, r, 64<<10)
+	exit, err := waitOrKill(ctx, proc)
+	if err == nil {
+		err = readErr
+	}
+	if err != nil {
+		return fmt.Errorf("%s -sandbox %s: %w", binary, SeccompSandbox, err)
+	}
+	if exit.Status != 0 || exit.Signal != 0 {
+		return fmt.Errorf("%s -sandbox %s: %v: %s", binary, SeccompSandbox, exit, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
