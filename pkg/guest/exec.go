@@ -1,13 +1,10 @@
 package guest
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -16,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/boxlite/boxlite/pkg/agent/api"
+	"github.com/boxlite/boxlite/pkg/reaper"
 )
 
 // Exec starts an additional process in a running container with
@@ -60,7 +58,7 @@ func (a *Agent) Exec(ctx context.Context, req *api.ExecProcessRequest) (_ uint32
 	if err != nil {
 		// An exec racing the init's death fails inside the runtime (its
 		// namespaces are going): that is the container not running.
-		if dying(c.init.pid) {
+		if reaper.Exiting(c.init.pid) {
 			if ok, _ := waitExited(ctx, c.init, execRaceGrace); ok {
 				return 0, fmt.Errorf("exec %s in container %s: its init exited meanwhile (%v): %w", execID, id, err, errdefs.ErrFailedPrecondition)
 			}
@@ -131,43 +129,6 @@ func (a *Agent) DeleteProcess(ctx context.Context, id, execID string) error {
 
 // execRaceGrace is how long a failed exec waits for a dying init to exit.
 const execRaceGrace = 2 * time.Second
-
-// pfExiting is the kernel's PF_EXITING task flag (/proc/<pid>/stat field 9).
-const pfExiting = 0x4
-
-// dying says process pid is gone or on its way out: no longer in /proc, a
-// zombie, exiting (PF_EXITING), or with a SIGKILL pending.
-func dying(pid int) bool {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	i := bytes.LastIndexByte(stat, ')')
-	f := strings.Fields(string(stat[i+1:]))
-	if i < 0 || len(f) < 7 {
-		return false
-	}
-	if f[0] == "Z" || f[0] == "X" {
-		return true
-	}
-	if flags, err := strconv.ParseUint(f[6], 10, 64); err == nil && flags&pfExiting != 0 {
-		return true
-	}
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return true
-	}
-	for _, line := range strings.Split(string(status), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok || (k != "SigPnd" && k != "ShdPnd") {
-			continue
-		}
-		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(unix.SIGKILL-1)) != 0 {
-			return true
-		}
-	}
-	return false
-}
 
 // Delete runs `runtime delete` (forced when asked), waits until every process
 // of the container has been reaped, then unmounts the rootfs and removes the

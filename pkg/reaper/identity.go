@@ -35,6 +35,7 @@ var procRoot = "/proc"
 type procStat struct {
 	state     byte
 	ppid      int
+	flags     uint64
 	startTime uint64
 }
 
@@ -84,11 +85,15 @@ func parseProcStat(data []byte) (procStat, error) {
 	if err != nil {
 		return procStat{}, fmt.Errorf("malformed /proc stat ppid %q: %w", fields[1], err)
 	}
+	flags, err := strconv.ParseUint(fields[6], 10, 64)
+	if err != nil {
+		return procStat{}, fmt.Errorf("malformed /proc stat flags %q: %w", fields[6], err)
+	}
 	start, err := strconv.ParseUint(fields[19], 10, 64)
 	if err != nil {
 		return procStat{}, fmt.Errorf("malformed /proc stat starttime %q: %w", fields[19], err)
 	}
-	return procStat{state: fields[0][0], ppid: ppid, startTime: start}, nil
+	return procStat{state: fields[0][0], ppid: ppid, flags: flags, startTime: start}, nil
 }
 
 func truncate(b []byte) []byte {
@@ -211,4 +216,34 @@ func (id Identity) Signal(sig unix.Signal) error {
 		return os.NewSyscallError("pidfd_send_signal", err)
 	}
 	return nil
+}
+
+// pfExiting is the kernel's PF_EXITING task flag (field 9 of /proc/<pid>/stat).
+const pfExiting = 0x4
+
+// Exiting says process pid is gone or on its way out: no longer in /proc, a
+// zombie, exiting (PF_EXITING), or with a SIGKILL pending. It tells a call
+// that failed because its target was being killed from a real failure.
+func Exiting(pid int) bool {
+	st, err := readProcStat(pid)
+	if err != nil {
+		return true
+	}
+	if st.state == 'Z' || st.state == 'X' || st.flags&pfExiting != 0 {
+		return true
+	}
+	status, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "status"))
+	if err != nil {
+		return true
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || (k != "SigPnd" && k != "ShdPnd") {
+			continue
+		}
+		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(unix.SIGKILL-1)) != 0 {
+			return true
+		}
+	}
+	return false
 }

@@ -1,4 +1,4 @@
-package guest
+package reaper
 
 import (
 	"os"
@@ -8,10 +8,10 @@ import (
 	"time"
 )
 
-// dying tells a live process from one that is gone or going, which is how
+// Exiting tells a live process from one that is gone or going, which is how
 // a failed exec is told from an exec that raced its container's death.
-func TestDyingTellsALiveProcessFromAGoneOne(t *testing.T) {
-	if dying(os.Getpid()) {
+func TestExitingTellsALiveProcessFromAGoneOne(t *testing.T) {
+	if Exiting(os.Getpid()) {
 		t.Fatal("the test process reads as dying")
 	}
 	cmd := exec.Command("sleep", "100")
@@ -19,7 +19,7 @@ func TestDyingTellsALiveProcessFromAGoneOne(t *testing.T) {
 		t.Fatal(err)
 	}
 	pid := cmd.Process.Pid
-	if dying(pid) {
+	if Exiting(pid) {
 		t.Fatal("a sleeping child reads as dying")
 	}
 	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
@@ -27,14 +27,14 @@ func TestDyingTellsALiveProcessFromAGoneOne(t *testing.T) {
 	}
 	// Not reaped yet: a zombie, then gone once waited for.
 	deadline := time.Now().Add(30 * time.Second)
-	for !dying(pid) {
+	for !Exiting(pid) {
 		if time.Now().After(deadline) {
 			t.Fatal("a SIGKILLed child never read as dying")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	cmd.Wait()
-	if !dying(pid) {
+	if !Exiting(pid) {
 		t.Fatal("a reaped child does not read as dying")
 	}
 }
