@@ -2,8 +2,6 @@ package integration
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"strconv"
@@ -11,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/cgroups/v3"
-	"github.com/containerd/cgroups/v3/cgroup1"
-	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/boxlite/boxlite/internal/cgrouptest"
+
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
@@ -121,30 +118,9 @@ func (c *containerd) loadTask(t testing.TB, id string) client.Task {
 // its VMM run in the shim cgroup. Verified two-sided: before the shim
 // accepted runc's options type, the task failed with "not boxlite's".
 func TestContainerdRuncTaskOptionsReachTheBox(t *testing.T) {
-	b := make([]byte, 4)
-	rand.Read(b)
-	cgPath := "/boxlite-test-shim-" + hex.EncodeToString(b)
-	var remove func() error
-	if cgroups.Mode() == cgroups.Unified {
-		m, err := cgroup2.NewManager("/sys/fs/cgroup", cgPath, &cgroup2.Resources{})
-		if err != nil {
-			t.Fatalf("make the shim cgroup: %v", err)
-		}
-		remove = m.Delete
-	} else {
-		cg, err := cgroup1.New(cgroup1.StaticPath(cgPath), &specs.LinuxResources{})
-		if err != nil {
-			t.Fatalf("make the shim cgroup: %v", err)
-		}
-		remove = cg.Delete
-	}
-	// Registered before containerd starts, so it runs after containerd's
+	// Made before containerd starts, so its removal runs after containerd's
 	// cleanup: once every shim is gone.
-	t.Cleanup(func() {
-		if err := remove(); err != nil {
-			t.Errorf("remove the shim cgroup %s: %v", cgPath, err)
-		}
-	})
+	cgPath := cgrouptest.New(t, "boxlite-test-shim")
 	c := startContainerd(t)
 	id := c.newID(t, "bx")
 	ctx := nsCtx(context.Background())

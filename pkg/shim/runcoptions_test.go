@@ -2,8 +2,6 @@ package shim
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/cgroups/v3"
-	"github.com/containerd/cgroups/v3/cgroup1"
-	"github.com/containerd/cgroups/v3/cgroup2"
+	"github.com/boxlite/boxlite/internal/cgrouptest"
+
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
@@ -163,33 +160,9 @@ func TestShimJoinsTheShimCgroupOfItsOptions(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("moving a process between cgroups needs root: run go test as root")
 	}
-	b := make([]byte, 4)
-	rand.Read(b)
-	path := "/boxlite-test-shim-" + hex.EncodeToString(b)
-	var remove func() error
-	if cgroups.Mode() == cgroups.Unified {
-		m, err := cgroup2.NewManager("/sys/fs/cgroup", path, &cgroup2.Resources{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		remove = m.Delete
-	} else {
-		cg, err := cgroup1.New(cgroup1.StaticPath(path), &specs.LinuxResources{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		remove = cg.Delete
-	}
+	path := cgrouptest.New(t, "boxlite-test-shim")
+	// Killed and reaped (sleeper's cleanup) before the cgroup goes.
 	p := sleeper(t)
-	t.Cleanup(func() {
-		p.Signal(9)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		p.Wait(ctx)
-		if err := remove(); err != nil {
-			t.Errorf("remove test cgroup %s: %v", path, err)
-		}
-	})
 	if err := joinShimCgroup(t.Context(), bootstrapWith(t, &runcoptions.Options{ShimCgroup: path}), p); err != nil {
 		t.Fatal(err)
 	}
