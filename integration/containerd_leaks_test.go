@@ -176,7 +176,16 @@ func (c *containerd) assertNoLeaks(t testing.TB) {
 			}
 		}
 	}
-	for d, of := range c.shimStateDirs() {
+	dirs := c.shimStateDirs()
+	assertNoVMMCgroups(t, func(cg string) bool {
+		for d := range dirs {
+			if vmmCgroupOf(cg, d) {
+				return true
+			}
+		}
+		return false
+	})
+	for d, of := range dirs {
 		if dirExists(d) {
 			t.Errorf("leak: shim state directory %s of %s left (removed now)", d, of)
 			os.RemoveAll(d)

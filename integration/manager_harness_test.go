@@ -43,6 +43,8 @@ type mgr struct {
 	// shimDirs are the shim state directories that existed before the
 	// test (other boxes of the machine).
 	shimDirs map[string]bool
+	// cgroups are the VMM cgroups that existed when the test began.
+	cgroups map[string]bool
 }
 
 // newMgr skips without the built binaries, makes a short state directory
@@ -57,7 +59,7 @@ func newMgr(t testing.TB) *mgr {
 		}
 	}
 	m := &mgr{t: t, state: filepath.Join(shortTempDir(t), "st"), rootfs: busyboxRootfs(t), binary: boxliteBin,
-		shimDirs: shimStateDirs()}
+		shimDirs: shimStateDirs(), cgroups: vmmCgroupDirs()}
 	t.Cleanup(m.assertClean)
 	return m
 }
@@ -326,6 +328,12 @@ func (m *mgr) assertClean() {
 	}
 	assertNoLeaks(t, 0, m.rootfs, m.state)
 	m.assertNoNewShimState()
+	// A VMM cgroup that appeared during the test and is empty now is
+	// this test's (a live one may be another test's box).
+	assertNoVMMCgroups(t, func(d string) bool {
+		procs, _ := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+		return !m.cgroups[d] && len(strings.TrimSpace(string(procs))) == 0
+	})
 }
 
 // tenMiB is what `seq 1 2000000 | head -c 10485760` prints.

@@ -12,8 +12,8 @@ import (
 // memCgroup is a host memory cgroup made for one test.
 type memCgroup struct {
 	dir string
-	// usage and limit are the file names of the version in use.
-	usage, limit string
+	// limit is the limit's file name in the version in use.
+	limit string
 }
 
 // newMemCgroup makes a memory cgroup under the test process's own (cgroup
@@ -34,12 +34,12 @@ func newMemCgroup(t *testing.T) *memCgroup {
 		}
 		if parts[1] == "memory" {
 			parent = filepath.Join("/sys/fs/cgroup/memory", parts[2])
-			cg.usage, cg.limit = "memory.usage_in_bytes", "memory.limit_in_bytes"
+			cg.limit = "memory.limit_in_bytes"
 			break
 		}
 		if parts[0] == "0" && parts[1] == "" {
 			parent = filepath.Join("/sys/fs/cgroup", parts[2])
-			cg.usage, cg.limit = "memory.current", "memory.max"
+			cg.limit = "memory.max"
 		}
 	}
 	cg.dir = filepath.Join(parent, fmt.Sprintf("boxlite-test-%d", os.Getpid()))
@@ -62,17 +62,27 @@ func newMemCgroup(t *testing.T) *memCgroup {
 	return &cg
 }
 
-func (cg *memCgroup) read(t *testing.T, name string) int64 {
+// anonBytes is the memory of the cgroup at dir (and its children) that
+// cannot be reclaimed without swap: memory.stat's total_rss (v1) or anon
+// (v2).
+func anonBytes(t testing.TB, dir string) int64 {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join(cg.dir, name))
+	data, err := os.ReadFile(filepath.Join(dir, "memory.stat"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
-	if err != nil {
-		t.Fatalf("%s: %v", name, err)
+	for _, line := range strings.Split(string(data), "\n") {
+		k, v, _ := strings.Cut(line, " ")
+		if k == "total_rss" || k == "anon" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				t.Fatalf("memory.stat %s: %v", k, err)
+			}
+			return n
+		}
 	}
-	return n
+	t.Fatalf("no total_rss or anon in %s/memory.stat", dir)
+	return 0
 }
 
 // TestManagerHostOOMKillOfTheVMMIsReportedAsOOM: when the host's OOM killer
@@ -94,8 +104,10 @@ func TestManagerHostOOMKillOfTheVMMIsReportedAsOOM(t *testing.T) {
 	m.binary = boxliteBin
 	lines := m.events()
 	_, vmm := m.pids(id)
-	// Room for 24 MiB more, then the box writes 60 MiB to its /dev/shm.
-	limit := cg.read(t, cg.usage) + 24<<20
+	// Room for 24 MiB more than the memory that cannot be reclaimed, then
+	// the box writes 60 MiB to its /dev/shm. (Room counted from the usage
+	// would let the write take the page cache's place.)
+	limit := anonBytes(t, cg.dir) + 24<<20
 	if err := os.WriteFile(filepath.Join(cg.dir, cg.limit), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -84,6 +84,12 @@ func checkQEMU(ctx context.Context, r *checkReport, bin string) {
 	}
 	// What every VMM gets (pkg/vmm): docs/design.md "A confined VMM".
 	r.fact("vmm", "confined: seccomp filter (-sandbox %s), chroot into an empty read-only root, QMP and agent sockets 0600 passed as descriptors; runs as root (the 9p share needs it)", vmm.SeccompSandbox)
+	if desc, err := vmm.CheckCgroup(); err != nil {
+		r.fact("vmm cgroup", "none: %v", err)
+		r.problem(fmt.Errorf("a VMM cannot get a cgroup of its own (%w): run as root on a host with the memory and pids controllers", err))
+	} else {
+		r.fact("vmm cgroup", "%s", desc)
+	}
 }
 
 func checkAccel(r *checkReport, want vmm.Accel) {

@@ -111,6 +111,7 @@ func (sb *sandbox) boot(ctx context.Context, first *container, runtimeOpts *anyp
 			Kernel: o.kernel, Initrd: o.initrd, Share: sb.share.Dir(), StateDir: sb.stateDir,
 			VCPUs: o.vcpus, MemoryMiB: o.memoryMiB, Accel: o.accel,
 			NICs: sb.net.nics(), NetNS: sb.net.ns,
+			Cgroup: vmmCgroupName(sb.stateDir),
 		},
 		BootTimeout: o.bootTimeout,
 	}
@@ -127,6 +128,13 @@ func (sb *sandbox) boot(ctx context.Context, first *container, runtimeOpts *anyp
 	sb.healthOpts = o.health
 	sb.memoryMiB = cmp.Or(o.memoryMiB, vmm.DefaultMemoryMiB)
 	return nil
+}
+
+// vmmCgroupName names the VMM's own cgroup after the box's state dir,
+// which is unique per namespace and id: shims that share containerd's
+// cgroup make theirs side by side.
+func vmmCgroupName(stateDir string) string {
+	return "boxlite-vmm-" + filepath.Base(stateDir)
 }
 
 // pid is the VMM's pid: the "pid" of every task in the sandbox, as Kata

@@ -314,6 +314,7 @@ func TestBootAgentPortReachesTheHostSocket(t *testing.T) {
 // umask.
 func TestBootVMMIsConfined(t *testing.T) {
 	q := bootVM(t, "sleep")
+	q.cfg.Cgroup = fmt.Sprintf("boxlite-vmm-test-%d", os.Getpid())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// The sockets are made at Start: a permissive umask must not reach them.
@@ -325,6 +326,21 @@ func TestBootVMMIsConfined(t *testing.T) {
 	}
 	defer q.Stop(ctx)
 	waitConsole(t, q, "hello from init")
+	cgroups, _ := os.ReadFile(procPid(q) + "/cgroup")
+	if !strings.Contains(string(cgroups), "/"+q.cfg.Cgroup+"\n") {
+		t.Errorf("the VMM is not in its cgroup %s:\n%s", q.cfg.Cgroup, cgroups)
+	}
+	q.mu.Lock()
+	dirs := q.cg.dirs
+	q.mu.Unlock()
+	defer func() {
+		q.Stop(ctx)
+		for _, d := range dirs {
+			if _, err := os.Stat(d); !os.IsNotExist(err) {
+				t.Errorf("the VMM's cgroup %s left after it stopped: %v", d, err)
+			}
+		}
+	}()
 	status, err := os.ReadFile(procPid(q) + "/status")
 	if err != nil {
 		t.Fatal(err)

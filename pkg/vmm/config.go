@@ -78,6 +78,12 @@ type Config struct {
 	// ConsoleLogMax caps console.log in bytes; when full it is rotated to
 	// console.log.1 (default 1 MiB).
 	ConsoleLogMax int64
+	// Cgroup, when set, is the name of a cgroup of the monitor's own,
+	// made under ours (cgroup.go) with a memory limit of the VM's RAM plus
+	// QEMU's overhead and a pids limit, and removed when the monitor
+	// exits. It must be unique among the VMs run by processes sharing our
+	// cgroup. Empty: the monitor runs in our cgroup.
+	Cgroup string
 	// Templates, when set, restores the VM from the template of its shape
 	// instead of booting it, building the template on first use. Any
 	// problem with a template falls back to a cold boot.
@@ -108,6 +114,10 @@ func (c *Config) validate() error {
 	}
 	if err := validateNICs(c.NICs); err != nil {
 		return err
+	}
+	if c.Cgroup != "" && (strings.ContainsAny(c.Cgroup, "/") || c.Cgroup == "." || c.Cgroup == ".." ||
+		strings.IndexFunc(c.Cgroup, unicode.IsControl) >= 0 || len(c.Cgroup) > 200) {
+		return invalid("cgroup name %q: one path element without control characters, at most 200 bytes", c.Cgroup)
 	}
 	for _, a := range c.KernelArgs {
 		if a == "" || strings.IndexFunc(a, unicode.IsSpace) >= 0 || strings.IndexFunc(a, unicode.IsControl) >= 0 {

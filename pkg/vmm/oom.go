@@ -8,22 +8,33 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // cgroupRoot is where the host's cgroup hierarchies are mounted; tests point
 // it elsewhere.
 var cgroupRoot = "/sys/fs/cgroup"
 
-// oomCounter reads the host's count of OOM kills in the memory cgroup a
-// process was in when it was created. The kernel's OOM killer kills with
-// SIGKILL, as anyone can: a monitor that died of SIGKILL while this count
+// oomCounter reads the host's count of OOM kills in the memory cgroups a
+// process was in while it ran. The kernel's OOM killer kills with SIGKILL,
+// as anyone can: a monitor that died of SIGKILL while one of these counts
 // went up was (with the rare exception of a coincident kill in the same
 // cgroup) killed for memory, which the shim must report as an OOM
-// (kata #4419), not as an ordinary death.
+// (kata #4419), not as an ordinary death. The kernel counts a kill in the
+// victim's own cgroup, so a VMM alone in its cgroup (Config.Cgroup) leaves
+// no room for a coincidence.
 type oomCounter struct {
+	mu sync.Mutex
+	// counts are the cgroups counted, first the one the process started
+	// in, then any it was moved to (follow).
+	counts []oomCount
+}
+
+// oomCount is one cgroup's count.
+type oomCount struct {
 	// path is memory.oom_control (cgroup v1) or memory.events (v2).
 	path string
-	// base is the count when the counter was made.
+	// base is the count when counting began.
 	base uint64
 }
 
@@ -31,19 +42,68 @@ type oomCounter struct {
 // reason when the host does not expose one (no memory controller, or its
 // files are not visible here).
 func newOOMCounter(pid int) (*oomCounter, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	path, err := pidMemoryEventsPath(pid)
 	if err != nil {
 		return nil, err
 	}
-	path, err := memoryEventsPath(data)
-	if err != nil {
-		return nil, err
-	}
-	c := &oomCounter{path: path}
-	if c.base, err = c.read(); err != nil {
+	return newOOMCounterAt(path)
+}
+
+// newOOMCounterAt returns a counter of the cgroup whose memory.oom_control
+// or memory.events is path.
+func newOOMCounterAt(path string) (*oomCounter, error) {
+	c := &oomCounter{}
+	if err := c.add(path); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+func pidMemoryEventsPath(pid int) (string, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", err
+	}
+	return memoryEventsPath(data)
+}
+
+// add starts counting the cgroup of path, unless it is counted already.
+func (c *oomCounter) add(path string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range c.counts {
+		if n.path == path {
+			return nil
+		}
+	}
+	base, err := readOOMKill(path)
+	if err != nil {
+		return err
+	}
+	c.counts = append(c.counts, oomCount{path: path, base: base})
+	return nil
+}
+
+// follow counts, from now on, the memory cgroup pid is in, when it is a new
+// one: someone (systemd reorganising its slices, an operator) moved the
+// process, and the kernel now counts its OOM kill there.
+func (c *oomCounter) follow(pid int) (moved bool, path string) {
+	if c == nil {
+		return false, ""
+	}
+	path, err := pidMemoryEventsPath(pid)
+	if err != nil {
+		return false, ""
+	}
+	c.mu.Lock()
+	n := len(c.counts)
+	c.mu.Unlock()
+	if err := c.add(path); err != nil {
+		return false, ""
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.counts) > n, path
 }
 
 // memoryEventsPath picks, from the contents of /proc/<pid>/cgroup, the file
@@ -79,9 +139,9 @@ func memoryEventsPath(procCgroup []byte) (string, error) {
 	return path, nil
 }
 
-// read returns the current oom_kill count.
-func (c *oomCounter) read() (uint64, error) {
-	data, err := os.ReadFile(c.path)
+// readOOMKill returns the oom_kill count in path.
+func readOOMKill(path string) (uint64, error) {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return 0, err
 	}
@@ -101,12 +161,19 @@ func parseOOMKill(data []byte) (uint64, error) {
 	return 0, fmt.Errorf("no oom_kill count (kernel older than 4.13?)")
 }
 
-// increased reports whether an OOM kill happened in the cgroup since the
-// counter was made. An unreadable count (the cgroup was removed) is false.
+// increased reports whether an OOM kill happened in one of the cgroups
+// since it was counted. An unreadable count (the cgroup was removed) is
+// false.
 func (c *oomCounter) increased() bool {
 	if c == nil {
 		return false
 	}
-	n, err := c.read()
-	return err == nil && n > c.base
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range c.counts {
+		if v, err := readOOMKill(n.path); err == nil && v > n.base {
+			return true
+		}
+	}
+	return false
 }

@@ -65,10 +65,9 @@ func TestParseOOMKill(t *testing.T) {
 func TestOOMCounterIncreased(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "memory.oom_control")
 	os.WriteFile(path, []byte("oom_kill 4\n"), 0o644)
-	c := &oomCounter{path: path}
-	var err error
-	if c.base, err = c.read(); err != nil || c.base != 4 {
-		t.Fatalf("base %d, %v", c.base, err)
+	c, err := newOOMCounterAt(path)
+	if err != nil || c.counts[0].base != 4 {
+		t.Fatalf("counter %+v, %v", c, err)
 	}
 	if c.increased() {
 		t.Fatal("increased with no new kill")
@@ -83,6 +82,38 @@ func TestOOMCounterIncreased(t *testing.T) {
 	}
 	if (*oomCounter)(nil).increased() {
 		t.Fatal("nil counter reads as a kill")
+	}
+}
+
+// TestOOMCounterFollowsAMove: a process moved to another memory cgroup
+// has its OOM kill counted there, so the counter must count that cgroup
+// from the move on (fault matrix row 15). Verified two-sided: with follow
+// made a no-op, the kill in the new cgroup is not seen.
+func TestOOMCounterFollowsAMove(t *testing.T) {
+	root := t.TempDir()
+	defer func(old string) { cgroupRoot = old }(cgroupRoot)
+	cgroupRoot = root
+	for _, g := range []string{"a", "b"} {
+		os.MkdirAll(filepath.Join(root, "memory", g), 0o755)
+		os.WriteFile(filepath.Join(root, "memory", g, "memory.oom_control"), []byte("oom_kill 7\n"), 0o644)
+	}
+	c, err := newOOMCounterAt(filepath.Join(root, "memory", "a", "memory.oom_control"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The real follow reads /proc/<pid>/cgroup; here the move is a path.
+	if err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil || len(c.counts) != 2 {
+		t.Fatalf("a cgroup counted twice: %+v, %v", c.counts, err)
+	}
+	if c.increased() {
+		t.Fatal("increased with no new kill")
+	}
+	os.WriteFile(filepath.Join(root, "memory", "b", "memory.oom_control"), []byte("oom_kill 8\n"), 0o644)
+	if !c.increased() {
+		t.Fatal("a kill in the cgroup moved to not seen")
 	}
 }
 

@@ -93,6 +93,9 @@ type QEMU struct {
 	// tmpl is the template the VM was restored from; nil for a cold
 	// boot. Set by Start before the launch.
 	tmpl *template
+	// cg is the monitor's own cgroup, nil when it runs in ours. Set by
+	// launch; removed by watch once the monitor was reaped.
+	cg *vmmCgroup
 }
 
 // NewQEMU validates cfg, fills its defaults and chooses the accelerator. It
@@ -355,6 +358,14 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	}
 	undo.add(func() { removeRoot(q.rootPath) })
 
+	cg, err := q.makeCgroup()
+	if err != nil {
+		return nil, err
+	}
+	if cg != nil {
+		undo.add(func() { cg.remove(); os.Remove(filepath.Join(q.cfg.StateDir, CgroupFileName)) })
+	}
+
 	fds := assignFDs(q.cfg.NICs)
 	extra := []*os.File{qmpL, agentL}
 	for _, n := range q.cfg.NICs {
@@ -367,9 +378,20 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	// The monitor starts in our memory cgroup: count its OOM kills from
-	// before it can allocate anything.
-	oom, oerr := newOOMCounter(os.Getpid())
+	if cg != nil {
+		// On cgroup v2 the monitor is born in its cgroup.
+		dir, err := cg.openDir()
+		if err != nil {
+			return nil, err
+		}
+		if dir != nil {
+			defer dir.Close()
+			cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(dir.Fd())
+		}
+	}
+	// Count the OOM kills of the monitor's memory cgroup from before it
+	// can allocate anything: its own, or else ours, where it starts.
+	oom, oerr := q.newOOMCounter(cg)
 	if oerr != nil {
 		log.L.WithError(oerr).Debug("no host OOM counter: a host OOM kill of the vmm reads as a plain SIGKILL")
 	}
@@ -380,17 +402,83 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	undo.release()
 	// Written before watch starts, so watch's removal cannot come first.
 	err = reaper.WritePidFile(q.pidPath, proc.Identity())
-	q.mu.Lock()
-	q.proc, q.console, q.oom = proc, cons, oom
-	q.mu.Unlock()
-	close(q.launched)
-	go q.watch(proc, r, cons)
 	if err != nil {
 		err = fmt.Errorf("pid file: %w", err)
 	}
+	if cg != nil && cmd.SysProcAttr.CgroupFD == 0 {
+		// cgroup v1: moved in right after the start.
+		if aerr := cg.add(proc.Pid()); aerr != nil {
+			err = errors.Join(err, fmt.Errorf("move vmm into its cgroup: %w", aerr))
+		}
+	}
+	q.mu.Lock()
+	q.proc, q.console, q.oom, q.cg = proc, cons, oom, cg
+	q.mu.Unlock()
+	close(q.launched)
+	go q.watch(proc, r, cons)
+	go followCgroup(proc, oom)
 	// A monitor started on a thread that could not leave its network
-	// namespace is killed by the caller.
+	// namespace, or left outside its cgroup, is killed by the caller.
 	return proc, errors.Join(serr, err)
+}
+
+// makeCgroup creates the monitor's own cgroup when the config asks for one
+// and records it in the state dir. A host without the controllers gets a
+// warning and an unconfined monitor; any other failure fails the launch.
+func (q *QEMU) makeCgroup() (*vmmCgroup, error) {
+	if q.cfg.Cgroup == "" {
+		return nil, nil
+	}
+	cg, err := newVMMCgroup(q.cfg.Cgroup, vmmMemoryLimit(q.cfg.MemoryMiB, q.accel))
+	if errors.Is(err, errNoCgroupControllers) {
+		log.L.WithError(err).Warn("the vmm runs without a cgroup of its own")
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := cg.record(filepath.Join(q.cfg.StateDir, CgroupFileName)); err != nil {
+		cg.remove()
+		return nil, fmt.Errorf("record vmm cgroup: %w", err)
+	}
+	return cg, nil
+}
+
+// newOOMCounter counts the OOM kills of the monitor's cgroup cg, or of
+// ours without one.
+func (q *QEMU) newOOMCounter(cg *vmmCgroup) (*oomCounter, error) {
+	if cg != nil {
+		return newOOMCounterAt(cg.eventsPath)
+	}
+	return newOOMCounter(os.Getpid())
+}
+
+// cgroupFollowInterval is how often a running monitor's cgroup is checked
+// for a move (followCgroup).
+var cgroupFollowInterval = time.Second
+
+// followCgroup watches, while the monitor runs, for it being moved to
+// another memory cgroup (systemd reorganising its slices does that), and
+// makes the OOM counter count there too: the kernel counts an OOM kill in
+// the victim's cgroup at the time. A kill within a second of a move can
+// still read as a plain SIGKILL.
+func followCgroup(proc *reaper.Process, oom *oomCounter) {
+	if oom == nil {
+		return
+	}
+	t := time.NewTicker(cgroupFollowInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-proc.Done():
+			return
+		case <-t.C:
+			if moved, path := oom.follow(proc.Pid()); moved {
+				log.L.WithField("pid", proc.Pid()).WithField("cgroup", filepath.Dir(path)).
+					Warn("vmm was moved to another cgroup: host OOM detection follows it")
+			}
+		}
+	}
 }
 
 // checkNoLiveMonitor refuses to reuse a state dir whose pid file names a
@@ -470,6 +558,17 @@ func (q *QEMU) watch(proc *reaper.Process, out *os.File, cons *console) {
 	oomKilled := exit.Signal == syscall.SIGKILL && q.oomCounter().increased()
 	if oomKilled {
 		log.L.WithField("pid", exit.Pid).Warn("vmm was killed by the host's OOM killer")
+	}
+	// The cgroup goes after its OOM count was read.
+	q.mu.Lock()
+	cg := q.cg
+	q.mu.Unlock()
+	if cg != nil {
+		if err := cg.remove(); err != nil {
+			log.L.WithError(err).WithField("pid", exit.Pid).Warn("remove vmm cgroup")
+		} else {
+			os.Remove(filepath.Join(q.cfg.StateDir, CgroupFileName))
+		}
 	}
 	q.mu.Lock()
 	q.state = stateExited

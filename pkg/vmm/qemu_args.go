@@ -107,7 +107,7 @@ func accelArgs(a Accel) []string {
 		// Plain "host" aborts with "failed to set MSR 0x10a" on some hosts.
 		return []string{"-accel", "kvm", "-cpu", "host,-arch-capabilities"}
 	}
-	return []string{"-accel", "tcg", "-cpu", "max"}
+	return []string{"-accel", "tcg,tb-size=" + strconv.Itoa(tcgCodeCacheMiB), "-cpu", "max"}
 }
 
 // kernelCmdline joins the base arguments and extra ones.

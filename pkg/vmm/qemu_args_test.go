@@ -17,7 +17,7 @@ func TestQEMUArgsTCG(t *testing.T) {
 	got := qemuArgs(argsConfig(), AccelTCG, launchFDs{qmp: 3, agent: 4})
 	want := []string{
 		"-M", "microvm,acpi=off,x-option-roms=off,isa-serial=on,pit=on,rtc=on",
-		"-accel", "tcg", "-cpu", "max",
+		"-accel", "tcg,tb-size=256", "-cpu", "max",
 		"-m", "256", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

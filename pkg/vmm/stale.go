@@ -61,6 +61,7 @@ func KillStale(ctx context.Context, stateDir string) (reaper.Identity, error) {
 
 func removeStateFiles(stateDir string) {
 	removeRoot(filepath.Join(stateDir, RootDirName))
+	removeRecordedCgroup(stateDir)
 	for _, name := range []string{PidFileName, QMPSocketName, AgentSocketName} {
 		os.Remove(filepath.Join(stateDir, name))
 	}

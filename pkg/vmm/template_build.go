@@ -88,6 +88,7 @@ func (ts *Templates) build(ctx context.Context, cfg *Config, accel Accel, meta T
 		Kernel: cfg.Kernel, Initrd: cfg.Initrd, QEMUBinary: cfg.QEMUBinary, Accel: accel,
 		VCPUs: cfg.VCPUs, MemoryMiB: cfg.MemoryMiB, KernelArgs: cfg.KernelArgs,
 		ConsoleLogMax: cfg.ConsoleLogMax, Share: share, StateDir: tmp, host: cfg.host,
+		Cgroup:   buildCgroup(cfg.Cgroup),
 		template: use,
 	}
 	cleanup, err := templateNICs(&b, meta.NICs)
@@ -306,4 +307,13 @@ func (q *QEMU) restore(ctx context.Context) error {
 	}
 	defer f.Close()
 	return q.migrate(ctx, c, "migrate-incoming", f)
+}
+
+// buildCgroup names the cgroup of the VM that builds a template for a VM
+// whose cgroup is name: confined alike, under a name of its own.
+func buildCgroup(name string) string {
+	if name == "" {
+		return ""
+	}
+	return name + "-build"
 }
