@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -17,9 +18,11 @@ import (
 	"github.com/containerd/containerd/v2/pkg/shutdown"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
 
@@ -139,13 +142,35 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 	if !live(p) || !sb.alive() {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("process %s already finished: %w", p.name(), errdefs.ErrNotFound))
 	}
-	if _, err := sb.vm.Agent().SignalProcess(ctx, &api.SignalProcessRequest{
+	// A SIGKILL of the box's own process must work as under runc, even
+	// when the guest cannot answer (its agent hung, the VM frozen): past
+	// a bound, the VM is killed instead, and the process dies with it.
+	killsBox := r.Signal == uint32(unix.SIGKILL) && r.ExecID == "" && c.id == sb.id
+	actx := ctx
+	if killsBox {
+		var cancel context.CancelFunc
+		actx, cancel = context.WithTimeout(ctx, killAgentTimeout)
+		defer cancel()
+	}
+	if _, err := sb.vm.Agent().SignalProcess(actx, &api.SignalProcessRequest{
 		Id: c.id, ExecId: r.ExecID, Signal: r.Signal, All: r.All,
 	}); err != nil {
-		return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
+		if !killsBox || actx.Err() == nil || ctx.Err() != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
+		}
+		log.G(ctx).WithError(err).WithField("id", c.id).
+			Warnf("the guest did not take SIGKILL within %v: killing the VM", killAgentTimeout)
+		if err := sb.kill(); err != nil {
+			return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
+		}
 	}
 	return &emptypb.Empty{}, nil
 }
+
+// killAgentTimeout bounds how long a SIGKILL of a box's own process waits
+// for the guest before the shim kills the VM instead. A live agent answers
+// in milliseconds, even under TCG on a loaded host.
+const killAgentTimeout = 10 * time.Second
 
 // Wait blocks until the process exits.
 func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {
