@@ -29,6 +29,8 @@ type boxOptions struct {
 	// noHealth and health (by annotation) tune the box's health check.
 	noHealth bool
 	health   map[string]*string
+	// privileged is --privileged.
+	privileged bool
 }
 
 // healthFlags maps the health flags to the annotations they set.
@@ -52,6 +54,7 @@ func addBoxFlags(env *cliEnv, fs *flag.FlagSet, o *boxOptions) {
 	fs.Var(&o.ports, "p", "publish a box port on the host with --network user: [IP:]HOSTPORT:BOXPORT[/tcp|udp] (repeatable)")
 	fs.Var(&o.volumes, "v", "bind-mount a host path into the box: HOSTPATH:BOXPATH[:ro] (repeatable)")
 	fs.Var(&o.labels, "l", "set a label K=V on the box, to filter by (repeatable)")
+	fs.BoolVar(&o.privileged, "privileged", false, "give the process every capability, no seccomp filter, every device and writable /proc and /sys: of the box's VM, not of the host")
 	fs.BoolVar(&o.noHealth, "no-health-check", false, "turn off the box's health check (on by default: is the VM running and its agent answering)")
 	o.health = map[string]*string{}
 	for _, f := range healthFlags {
@@ -133,6 +136,7 @@ func (o *boxOptions) createRequest(cmd string, argv []string, terminal, openStdi
 	}
 	req.Cmd, req.Env, req.Cwd, req.User, req.Memory, req.CPUs = argv, o.env, o.workdir, o.user, mem, o.cpus
 	req.Network, req.Ports, req.Name, req.TTY, req.OpenStdin = o.network, o.ports, o.name, terminal, openStdin
+	req.Privileged = o.privileged
 	if err := o.healthSettings(cmd, &req); err != nil {
 		return api.CreateRequest{}, err
 	}

@@ -45,6 +45,10 @@ type CreateRequest struct {
 	// attach writes to.
 	TTY       bool `json:"tty,omitempty"`
 	OpenStdin bool `json:"open_stdin,omitempty"`
+	// Privileged gives the process every capability, no seccomp filter,
+	// every device of the guest and writable /proc and /sys, as docker
+	// run --privileged does: inside the box's VM, not on the host.
+	Privileged bool `json:"privileged,omitempty"`
 	// HealthCheckDisabled is three-state: true turns health checks off;
 	// false or absent keeps the default (on).
 	HealthCheckDisabled *bool `json:"health_check_disabled,omitempty"`

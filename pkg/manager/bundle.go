@@ -37,6 +37,9 @@ type BoxSpec struct {
 	CPUs float64
 	// Terminal gives the process a pseudo-terminal.
 	Terminal bool
+	// Privileged gives the process every capability, no seccomp filter,
+	// every device and writable /proc and /sys, in the guest.
+	Privileged bool
 	// Rootfs is the root filesystem directory. Required.
 	Rootfs string
 	// Annotations are added to the spec (the io.boxlite.* settings the shim
@@ -234,6 +237,11 @@ func GenerateSpec(id, dir string, s BoxSpec) (*specs.Spec, error) {
 	}
 	if s.Terminal {
 		opts = append(opts, oci.WithTTY)
+	}
+	if s.Privileged {
+		// As nerdctl run --privileged, but the devices are the guest's:
+		// the host's device list means nothing in the VM.
+		opts = append(opts, oci.WithPrivileged, oci.WithAllDevicesAllowed)
 	}
 	if len(s.Annotations) > 0 {
 		opts = append(opts, oci.WithAnnotations(s.Annotations))

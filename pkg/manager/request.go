@@ -74,7 +74,7 @@ func CreateOptionsFromRequest(req api.CreateRequest) (CreateOptions, error) {
 		OpenStdin:  req.OpenStdin,
 		Spec: BoxSpec{
 			Args: req.Cmd, Env: req.Env, Cwd: req.Cwd, User: req.User,
-			MemoryBytes: req.Memory, CPUs: req.CPUs, Terminal: req.TTY, Rootfs: req.Rootfs,
+			MemoryBytes: req.Memory, CPUs: req.CPUs, Terminal: req.TTY, Privileged: req.Privileged, Rootfs: req.Rootfs,
 			Annotations: ann, Network: network, Ports: req.Ports, Volumes: vols,
 		},
 	}, nil
