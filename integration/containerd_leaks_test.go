@@ -188,6 +188,12 @@ func (c *containerd) assertNoLeaks(t testing.TB) {
 	for d, of := range dirs {
 		if dirExists(d) {
 			t.Errorf("leak: shim state directory %s of %s left (removed now)", d, of)
+			// Its mounts (the share, QEMU's root) go first, deepest
+			// first, or RemoveAll stops at them.
+			m := mountedUnder(d)
+			for i := len(m) - 1; i >= 0; i-- {
+				syscall.Unmount(m[i], syscall.MNT_DETACH)
+			}
 			os.RemoveAll(d)
 		}
 	}
