@@ -65,3 +65,14 @@ func (w *newcWriter) pad() {
 func (w *newcWriter) dir(name string)                         { w.entry(name, 0o040755, nil) }
 func (w *newcWriter) file(name string, perm uint32, d []byte) { w.entry(name, 0o100000|perm, d) }
 func (w *newcWriter) trailer()                                { w.entry("TRAILER!!!", 0, nil) }
+
+// charDev writes a character device node (the kernel gives init
+// /dev/console as its stdio only if the initramfs has it).
+func (w *newcWriter) charDev(name string, perm uint32, major, minor int) {
+	w.ino++
+	fmt.Fprintf(w.buf, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		w.ino, 0o020000|perm, 0, 0, 1, 0, 0, 0, 0, major, minor, len(name)+1, 0)
+	w.buf.WriteString(name)
+	w.buf.WriteByte(0)
+	w.pad()
+}

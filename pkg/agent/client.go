@@ -96,7 +96,7 @@ const entropyBytes = 64
 
 // newClient wraps an established connection.
 func newClient(conn net.Conn) *Client {
-	g := newGuardConn(conn, MaxFrame)
+	g := newClientGuard(conn, MaxFrame)
 	c := &Client{guard: g, done: make(chan struct{})}
 	c.tc = ttrpc.NewClient(g,
 		ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoke ttrpc.Invoker) error {

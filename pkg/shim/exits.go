@@ -23,6 +23,14 @@ const vmDeathConsoleLines = 30
 // exits (each waits at most drainTimeout for its output).
 const exitLoopWait = 30 * time.Second
 
+// oomQuiet is the least time between two TaskOOM of one container: the
+// guest's OOM news within it is folded into the TaskOOM already sent.
+// Without it a guest could send OOM events as fast as the host polls (256
+// a reply), each a TaskOOM to containerd, queued faster than containerd
+// takes them: the shim's memory grew by about 7 MiB a second. A variable
+// only so that tests can change it.
+var oomQuiet = time.Second
+
 // exitNote is news for the exit loop.
 type exitNote struct {
 	// c is the container the news is about (nil when the VM died).
@@ -54,7 +62,8 @@ type exitReport struct {
 //     is drained (bounded), so containerd's readers have it all;
 //   - an init's TaskExit goes out after the TaskExit of every exec of its
 //     container that was running (as runc's shim does);
-//   - OOM goes out as it comes: the guest sends it before the exit.
+//   - OOM goes out as it comes (the guest sends it before the exit), at
+//     most one TaskOOM per container per oomQuiet.
 //
 // Draining runs in a goroutine per exit; only the loop decides and
 // publishes, so nothing slow blocks it and nothing races it.
@@ -80,6 +89,8 @@ type exitLoop struct {
 	inFlight int
 	held     map[*container]exitReport
 	dead     bool
+	// lastOOM is when each container's last TaskOOM was sent.
+	lastOOM map[*container]time.Time
 	// console returns the VM's last console lines (nil: none to log).
 	console func(n int) []string
 }
@@ -88,7 +99,7 @@ func newExitLoop(pub *publisher, pid uint32, oomKilled func() bool, containers f
 	l := &exitLoop{
 		pub: pub, pid: pid, oomKilled: oomKilled, containers: containers, onInitExit: onInitExit, console: console,
 		notes: make(chan exitNote), prepared: make(chan exitReport), done: make(chan struct{}),
-		known: map[*process]bool{}, held: map[*container]exitReport{},
+		known: map[*process]bool{}, held: map[*container]exitReport{}, lastOOM: map[*container]time.Time{},
 	}
 	go l.run()
 	return l
@@ -131,11 +142,22 @@ func (l *exitLoop) handle(n exitNote) {
 	case n.vmDied:
 		l.vmDied()
 	case n.oom:
-		l.pub.send(&eventstypes.TaskOOM{ContainerID: n.c.id})
+		l.oom(n.c)
 	}
 	if n.p != nil {
 		l.exited(n.c, n.p, n.e)
 	}
+}
+
+// oom sends a TaskOOM for c, unless one went out less than oomQuiet ago:
+// that one already precedes any exit still to come.
+func (l *exitLoop) oom(c *container) {
+	now := time.Now()
+	if last, ok := l.lastOOM[c]; ok && now.Sub(last) < oomQuiet {
+		return
+	}
+	l.lastOOM[c] = now
+	l.pub.send(&eventstypes.TaskOOM{ContainerID: c.id})
 }
 
 // exited starts preparing a process's exit, unless one is known already.
