@@ -313,3 +313,56 @@ func vmRSS(pid int) int {
 	}
 	return 0
 }
+
+// TestContainerdGuestThatNeverReportsAKillIsKilled runs a box whose guest
+// answers every call, SIGKILL included, but never reports an exit (mode
+// deaf): `kill -9` must still end the box, as under runc. The shim gives
+// the guest 10 s to report the exit, then kills the VM: TaskExit 137,
+// delete works, nothing is left. Verified two-sided: before the shim
+// watched for the exit after a SIGKILL, no exit came within the minute and
+// the box stayed.
+func TestContainerdGuestThatNeverReportsAKillIsKilled(t *testing.T) {
+	c := startContainerd(t)
+	events := c.subscribe(t)
+	initrd := hostileGuest(t)
+	id := c.newID(t, "hostile")
+	ctr := c.newContainerWith(t, id, []oci.SpecOpts{hostileSpec(initrd("deaf@running"))}, "sleep", "1000")
+	t.Cleanup(func() {
+		if err := ctr.Delete(nsCtx(context.Background()), client.WithSnapshotCleanup); err != nil {
+			t.Errorf("delete container %s: %v", id, err)
+		}
+	})
+	ctx, cancel := context.WithTimeout(nsCtx(context.Background()), 3*time.Minute)
+	defer cancel()
+	task, err := ctr.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		t.Fatalf("create the deaf box: %v", err)
+	}
+	c.cleanupTask(t, task)
+	vmm := int(task.Pid())
+	statusC, err := task.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Start(ctx); err != nil {
+		t.Fatalf("start the deaf box: %v", err)
+	}
+	if err := task.Kill(ctx, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill the deaf box: %v", err)
+	}
+	select {
+	case st := <-statusC:
+		if st.ExitCode() != 137 {
+			t.Errorf("deaf box exited %d, want 137", st.ExitCode())
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("the deaf box did not exit within a minute of SIGKILL: events %q", fmtEvents(events.of(id)))
+	}
+	pidGone(t, vmm, "VMM of the deaf box")
+	if _, err := task.Delete(ctx); err != nil {
+		t.Fatalf("delete the deaf box: %v", err)
+	}
+	if !events.waitFor(id, "/tasks/exit=137", 20*time.Second) {
+		t.Errorf("no TaskExit 137: events %q", fmtEvents(events.of(id)))
+	}
+}

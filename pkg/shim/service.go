@@ -163,8 +163,29 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 		if err := sb.kill(); err != nil {
 			return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
 		}
+		return &emptypb.Empty{}, nil
+	}
+	if killsBox {
+		// Nor may a guest that took the signal keep the box by never
+		// reporting the exit.
+		go sb.killUnlessExited(p, killAgentTimeout)
 	}
 	return &emptypb.Empty{}, nil
+}
+
+// killUnlessExited kills the VM when p, SIGKILLed through the guest, has
+// not been reported exited within d: its guest lost it, or lies. A process
+// that dies of SIGKILL is reported in milliseconds.
+func (sb *sandbox) killUnlessExited(p *process, d time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if _, err := p.wait(ctx); err == nil || !live(p) || !sb.alive() {
+		return
+	}
+	log.L.WithField("id", sb.id).Warnf("the guest did not report the exit of %s within %v of SIGKILL: killing the VM", p.name(), d)
+	if err := sb.kill(); err != nil {
+		log.L.WithError(err).WithField("id", sb.id).Warn("kill the VM")
+	}
 }
 
 // killAgentTimeout bounds how long a SIGKILL of a box's own process waits
