@@ -50,7 +50,7 @@ const atClkTck = 17
 
 // clockTicks returns the kernel's clock tick rate (USER_HZ) from the
 // auxiliary vector, as sysconf(_SC_CLK_TCK) does; never assumed to be 100.
-func clockTicks(b *testing.B) float64 {
+func clockTicks(b testing.TB) float64 {
 	auxv, err := unix.Auxv()
 	if err != nil {
 		b.Fatal(err)
@@ -65,7 +65,7 @@ func clockTicks(b *testing.B) float64 {
 }
 
 // cpuTime returns the user+system CPU time pid has used.
-func cpuTime(b *testing.B, pid int, hz float64) time.Duration {
+func cpuTime(b testing.TB, pid int, hz float64) time.Duration {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		b.Fatal(err)

@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"syscall"
@@ -74,16 +75,24 @@ func (b *Box) Close() error {
 	return conn.Close()
 }
 
-// update changes the record in the store and keeps the result.
+// update changes the record in the store and keeps the result. When the
+// state directory is full (ENOSPC) the change is kept by this handle only
+// and the error returned: the handle still tells the truth about the box
+// (a teardown that follows must know it runs), and the record on disk
+// catches up at the next update that has room.
 func (b *Box) update(fn func(*Record)) error {
 	rec, err := b.m.store.Update(b.ID(), func(r *Record) error { fn(r); return nil })
-	if err != nil {
+	if errors.Is(err, syscall.ENOSPC) {
+		r := b.Record()
+		fn(&r)
+		rec = &r
+	} else if err != nil {
 		return err
 	}
 	b.mu.Lock()
 	b.rec = rec
 	b.mu.Unlock()
-	return nil
+	return err
 }
 
 // setConn keeps a new shim connection.
@@ -127,8 +136,19 @@ func (r *Record) Running() bool {
 // refresh reconciles the record with the world. A live shim is reconnected
 // and asked for the task's state; a dead shim (or a reused pid) means the box
 // stopped with exit 137: the shim's delete action cleans up the VM and stale
-// files are removed. A dead VMM under a live shim also means exit 137.
+// files are removed. A dead VMM under a live shim also means exit 137. On a
+// full state directory the box is reconciled for this handle only (see
+// update), so that it can still be inspected, stopped and removed.
 func (b *Box) refresh(ctx context.Context) error {
+	err := b.reconcile(ctx)
+	if errors.Is(err, syscall.ENOSPC) {
+		log.G(ctx).WithError(err).WithField("id", b.ID()).Warn("box record not updated")
+		return nil
+	}
+	return err
+}
+
+func (b *Box) reconcile(ctx context.Context) error {
 	r := b.rec
 	if r.ShimAddress == "" && r.ShimPid == 0 {
 		if r.Status != StatusStopped {

@@ -12,6 +12,7 @@ import (
 	taskapi "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/ttrpc"
 
 	"github.com/boxlite/boxlite/pkg/reaper"
 )
@@ -178,7 +179,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 		Stdin: stdio.Stdin, Stdout: stdio.Stdout, Stderr: stdio.Stderr,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("create box: %w", errgrpc.ToNative(err))
+		return nil, b.createError(err)
 	}
 	// The shim's task pid is its VMM's.
 	vmm, _ := reaper.ReadIdentity(int(resp.GetPid()))
@@ -214,6 +215,19 @@ func (b *Box) bootstrap(ctx context.Context) error {
 		return err
 	}
 	return b.update(func(r *Record) { r.ShimPid, r.ShimStartTime = id.Pid, id.StartTime })
+}
+
+// createError explains a failed task Create. A shim shut down meanwhile
+// (another command removed or stopped the booting box) answers Aborted,
+// or exits before its answer reaches us.
+func (b *Box) createError(err error) error {
+	if errdefs.IsAborted(errgrpc.ToNative(err)) {
+		return errorf(errdefs.ErrAborted, "box %s was removed or stopped while it was being created", b.name())
+	}
+	if errors.Is(err, ttrpc.ErrClosed) && b.shimDied() {
+		return errorf(errdefs.ErrAborted, "box %s: its shim exited while creating it", b.name())
+	}
+	return fmt.Errorf("create box: %w", errgrpc.ToNative(err))
 }
 
 // Get finds a box by id, name or id prefix and reconciles its record with

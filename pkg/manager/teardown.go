@@ -84,12 +84,13 @@ func (b *Box) Stop(ctx context.Context) error {
 
 // Remove removes the box: a running box only with force (its process is
 // killed first). The shim is shut down and reaped, then the record, bundle
-// and FIFOs are removed.
+// and FIFOs are removed. The record is not updated on the way (so a box
+// can be removed from a full state directory, which frees room).
 func (b *Box) Remove(ctx context.Context, force bool) error {
 	if b.rec.Running() && !force {
 		return errorf(errdefs.ErrFailedPrecondition, "box %s is running: stop it or use rm --force", b.name())
 	}
-	if err := b.teardown(ctx, force); err != nil {
+	if err := b.end(ctx, force); err != nil {
 		return err
 	}
 	if err := b.m.unmountImage(b.rec); err != nil {
@@ -110,7 +111,9 @@ func (b *Box) undo() error {
 			return err
 		}
 	}
-	if err := b.teardown(ctx, true); err != nil {
+	// The record goes: it is not updated first (on a full state
+	// directory that write is what failed).
+	if err := b.end(ctx, true); err != nil {
 		return err
 	}
 	if err := b.m.unmountImage(b.rec); err != nil {
@@ -119,11 +122,26 @@ func (b *Box) undo() error {
 	return b.m.store.Remove(b.rec.ID)
 }
 
-// teardown is the one route from a live or dead shim to none: kill the
-// process (when killing), delete the task, shut the shim down, reap it
-// (SIGKILL if it does not exit), then run the delete action if the shim had
-// to be killed, and remove stale files. The record is left stopped.
+// teardown ends the box's shim (see end) and leaves the record stopped.
 func (b *Box) teardown(ctx context.Context, kill bool) error {
+	if err := b.end(ctx, kill); err != nil {
+		return err
+	}
+	err := b.update(func(r *Record) {
+		r.markStopped(deadShimExitCode, time.Now().UTC())
+		r.clearShim()
+	})
+	if errdefs.IsNotFound(err) {
+		return nil // another manager removed the box meanwhile
+	}
+	return err
+}
+
+// end is the one route from a live or dead shim to none: kill the process
+// (when killing), delete the task, shut the shim down, reap it (SIGKILL if
+// it does not exit), then run the delete action if the shim had to be
+// killed, and remove stale files.
+func (b *Box) end(ctx context.Context, kill bool) error {
 	if b.conn != nil {
 		if kill && b.rec.Status != StatusStopped {
 			b.killAndWait(ctx)
@@ -157,14 +175,7 @@ func (b *Box) teardown(ctx context.Context, kill bool) error {
 	} else {
 		b.removeStaleFiles()
 	}
-	err = b.update(func(r *Record) {
-		r.markStopped(deadShimExitCode, time.Now().UTC())
-		r.clearShim()
-	})
-	if errdefs.IsNotFound(err) {
-		return nil // another manager removed the box meanwhile
-	}
-	return err
+	return nil
 }
 
 // killStrayShims kills and reaps the shims of this box whose pid the

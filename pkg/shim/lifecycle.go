@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -35,6 +36,19 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	s.createMu.Lock()
 	defer s.createMu.Unlock()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	if err := s.beginCreate(cancel); err != nil {
+		return nil, err
+	}
+	defer s.endCreate()
+	defer func() {
+		// Whatever failed failed because the boot was cancelled: the
+		// cancellation is the error.
+		if retErr != nil && errors.Is(context.Cause(ctx), errCreateAbandoned) {
+			retErr = fmt.Errorf("create %s: %w", r.ID, errCreateAbandoned)
+		}
+	}()
 	c, err := newContainer(ctx, r)
 	if err != nil {
 		return nil, err
@@ -86,6 +100,29 @@ func (s *service) create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		Pid: sb.pid(),
 	})
 	return &taskAPI.CreateTaskResponse{Pid: sb.pid()}, nil
+}
+
+// errCreateAbandoned is why a Create is cancelled: Shutdown ended the shim
+// while it ran.
+var errCreateAbandoned = fmt.Errorf("the shim was shut down while the task was being created: %w", errdefs.ErrAborted)
+
+// beginCreate records how to cancel the Create that holds createMu, or
+// refuses it once Shutdown is ending the shim.
+func (s *service) beginCreate(cancel context.CancelCauseFunc) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return fmt.Errorf("the shim is shutting down: %w", errdefs.ErrFailedPrecondition)
+	}
+	s.creating = cancel
+	return nil
+}
+
+// endCreate forgets the Create that ends.
+func (s *service) endCreate() {
+	s.mu.Lock()
+	s.creating = nil
+	s.mu.Unlock()
 }
 
 // newContainer reads and checks the bundle of a container to create.

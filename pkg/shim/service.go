@@ -41,11 +41,18 @@ type service struct {
 	shutdown shutdown.Service
 
 	// createMu serialises Create: a sandbox boots once, and containers
-	// join it one at a time.
+	// join it one at a time. Shutdown takes it too, so the shim never
+	// exits in the middle of a Create.
 	createMu sync.Mutex
 
-	// mu guards sb and containers.
+	// mu guards sb, containers, creating and closing.
 	mu sync.Mutex
+	// creating cancels the Create in progress; nil when none. Guarded
+	// by mu.
+	creating context.CancelCauseFunc
+	// closing says Shutdown is ending the shim: no Create may begin.
+	// Guarded by mu.
+	closing bool
 	// sb is the shim's sandbox, nil before the first Create. Guarded by mu.
 	sb *sandbox
 	// containers are the sandbox's containers by id, until deleted.
@@ -403,14 +410,32 @@ func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 // Shutdown ends the shim once every container is deleted, or at once with
 // Now (the VM killed and reaped first). containerd sends it after each
 // delete; while a container of the sandbox remains it is ignored.
+//
+// A Create still in progress when the shim ends was abandoned by its
+// caller (containerd shuts the shim down after a Create it gave up on, the
+// manager's rm --force of a booting box sends Now): it is cancelled, and
+// the shim ends only once its undo has run. Exiting mid-boot would leave
+// the VM's state directory, its mounts and network wiring behind.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*emptypb.Empty, error) {
 	s.mu.Lock()
-	sb, left := s.sb, len(s.containers)
-	s.mu.Unlock()
+	left := len(s.containers)
 	if left > 0 && !r.Now {
+		s.mu.Unlock()
 		return &emptypb.Empty{}, nil
 	}
-	if sb != nil && r.Now {
+	s.closing = true
+	if s.creating != nil {
+		s.creating(errCreateAbandoned)
+	}
+	s.mu.Unlock()
+	s.createMu.Lock()
+	defer s.createMu.Unlock()
+	s.mu.Lock()
+	// A Create that completed before its cancellation took effect made a
+	// container nobody will delete: it goes with the shim.
+	sb, kill := s.sb, r.Now || len(s.containers) > left
+	s.mu.Unlock()
+	if sb != nil && kill {
 		if err := sb.kill(); err != nil {
 			return nil, errgrpc.ToGRPC(err)
 		}
