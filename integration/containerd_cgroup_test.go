@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/boxlite/boxlite/internal/cgrouptest"
+	"github.com/boxlite/boxlite/pkg/shim"
 )
 
 // memoryCgroupDir returns the memory-hierarchy directory of the cgroup pid
@@ -39,6 +40,15 @@ func memoryCgroupDir(t testing.TB, pid int) string {
 	return unified
 }
 
+// memoryLimitFile is the name of the memory limit's file in the memory
+// cgroup at dir.
+func memoryLimitFile(dir string) string {
+	if strings.HasPrefix(dir, "/sys/fs/cgroup/memory/") {
+		return "memory.limit_in_bytes"
+	}
+	return "memory.max"
+}
+
 // TestContainerdVMMRunsInItsOwnCgroup: a box's VMM is alone in a cgroup of
 // its own, under the shim's, limited to the VM's RAM plus QEMU's overhead
 // and to a number of threads; the cgroup goes with the box (the harness's
@@ -59,10 +69,7 @@ func TestContainerdVMMRunsInItsOwnCgroup(t *testing.T) {
 	if got := strings.Fields(string(procs)); len(got) != 1 || got[0] != strconv.Itoa(vmm) {
 		t.Errorf("VMM cgroup holds %v, want the VMM %d alone", got, vmm)
 	}
-	limitFile := "memory.max"
-	if strings.HasPrefix(dir, "/sys/fs/cgroup/memory/") {
-		limitFile = "memory.limit_in_bytes"
-	}
+	limitFile := memoryLimitFile(dir)
 	limit, err := os.ReadFile(filepath.Join(dir, limitFile))
 	if err != nil {
 		t.Fatal(err)
@@ -159,16 +166,15 @@ func TestContainerdShimAndVMMMovedToAnotherCgroup(t *testing.T) {
 
 	t.Run("host OOM after the move", func(t *testing.T) {
 		l := c.subscribe(t)
-		id := c.runDetached(t, boxliteRuntime, []string{"--null-io"}, "sleep", "1000")
+		// Booted cold: a clone's RAM is the template file's page cache,
+		// which the limit would keep evicting and the guest refaulting.
+		id := c.runDetached(t, boxliteRuntime, []string{"--null-io", "--annotation", shim.AnnotationTemplates + "=false"}, "sleep", "1000")
 		vmm := c.taskPid(t, id)
 		move(vmm)
 		waitFollowed(vmm)
 		// Room for 24 MiB more in the cgroup it was moved to, then the box
 		// writes 60 MiB to its /dev/shm.
-		limitFile := "memory.limit_in_bytes"
-		if !strings.HasPrefix(movedMem, "/sys/fs/cgroup/memory/") {
-			limitFile = "memory.max"
-		}
+		limitFile := memoryLimitFile(movedMem)
 		limit := anonBytes(t, movedMem) + 24<<20
 		if err := os.WriteFile(filepath.Join(movedMem, limitFile), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {
 			t.Fatal(err)

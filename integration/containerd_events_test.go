@@ -284,6 +284,15 @@ func TestContainerdEventsOfAnExecAreCompleteAndOrdered(t *testing.T) {
 	}
 }
 
+// fastHealthFlags are ctr run's flags for a box without stdio whose health
+// is probed every interval, timing out after a second, unhealthy after two
+// failures from the start.
+func fastHealthFlags(interval string) []string {
+	return []string{"--null-io",
+		"--annotation", health.AnnotationInterval + "=" + interval, "--annotation", health.AnnotationTimeout + "=1s",
+		"--annotation", health.AnnotationStartPeriod + "=0s", "--annotation", health.AnnotationRetries + "=2"}
+}
+
 // TestContainerdReceivesHealthEvents: containerd accepts the shim's
 // /tasks/health events and hands them to subscribers: a box tuned by
 // annotations to probe every 200 ms becomes healthy; its VMM stopped with
@@ -293,10 +302,7 @@ func TestContainerdEventsOfAnExecAreCompleteAndOrdered(t *testing.T) {
 func TestContainerdReceivesHealthEvents(t *testing.T) {
 	c := startContainerd(t)
 	l := c.subscribe(t)
-	ann := []string{"--null-io",
-		"--annotation", health.AnnotationInterval + "=200ms", "--annotation", health.AnnotationTimeout + "=1s",
-		"--annotation", health.AnnotationStartPeriod + "=0s", "--annotation", health.AnnotationRetries + "=2"}
-	id := c.runDetached(t, boxliteRuntime, ann, "sleep", "1000")
+	id := c.runDetached(t, boxliteRuntime, fastHealthFlags("200ms"), "sleep", "1000")
 	vmm := c.taskPid(t, id)
 	if !l.waitHealth(id, "healthy", time.Minute) {
 		t.Fatalf("no healthy event: health events %q", l.healthOf(id))

@@ -4,8 +4,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/boxlite/boxlite/pkg/health"
 )
 
 // TestContainerdFrozenVMMCallsTimeOutAndKillStillWorks is fault matrix row
@@ -22,10 +20,7 @@ import (
 func TestContainerdFrozenVMMCallsTimeOutAndKillStillWorks(t *testing.T) {
 	c := startContainerd(t)
 	l := c.subscribe(t)
-	ann := []string{"--null-io",
-		"--annotation", health.AnnotationInterval + "=500ms", "--annotation", health.AnnotationTimeout + "=1s",
-		"--annotation", health.AnnotationStartPeriod + "=0s", "--annotation", health.AnnotationRetries + "=2"}
-	id := c.runDetached(t, boxliteRuntime, ann, "sleep", "1000")
+	id := c.runDetached(t, boxliteRuntime, fastHealthFlags("500ms"), "sleep", "1000")
 	vmm := c.taskPid(t, id)
 	if !l.waitHealth(id, "healthy", time.Minute) {
 		t.Fatalf("no healthy event: health events %q", l.healthOf(id))

@@ -246,21 +246,9 @@ func TestContainerdGuestOOMStormIsFolded(t *testing.T) {
 	c := startContainerd(t)
 	events := c.subscribe(t)
 	normal := c.runDetached(t, boxliteRuntime, []string{"--null-io"}, "sh", "-c", idleScript)
-	initrd := hostileGuest(t)
-	id := c.newID(t, "hostile")
-	ctr := c.newContainerWith(t, id, []oci.SpecOpts{hostileSpec(initrd("oomstorm@running"))}, "sleep", "1000")
-	t.Cleanup(func() {
-		if err := ctr.Delete(nsCtx(context.Background()), client.WithSnapshotCleanup); err != nil {
-			t.Errorf("delete container %s: %v", id, err)
-		}
-	})
 	ctx, cancel := context.WithTimeout(nsCtx(context.Background()), 3*time.Minute)
 	defer cancel()
-	task, err := ctr.NewTask(ctx, cio.NullIO)
-	if err != nil {
-		t.Fatalf("create the storming box: %v", err)
-	}
-	c.cleanupTask(t, task)
+	id, task := c.createHostileBox(ctx, t, "oomstorm@running")
 	shim := c.shimOf(t, id)
 	statusC, err := task.Wait(ctx)
 	if err != nil {
@@ -324,21 +312,9 @@ func vmRSS(pid int) int {
 func TestContainerdGuestThatNeverReportsAKillIsKilled(t *testing.T) {
 	c := startContainerd(t)
 	events := c.subscribe(t)
-	initrd := hostileGuest(t)
-	id := c.newID(t, "hostile")
-	ctr := c.newContainerWith(t, id, []oci.SpecOpts{hostileSpec(initrd("deaf@running"))}, "sleep", "1000")
-	t.Cleanup(func() {
-		if err := ctr.Delete(nsCtx(context.Background()), client.WithSnapshotCleanup); err != nil {
-			t.Errorf("delete container %s: %v", id, err)
-		}
-	})
 	ctx, cancel := context.WithTimeout(nsCtx(context.Background()), 3*time.Minute)
 	defer cancel()
-	task, err := ctr.NewTask(ctx, cio.NullIO)
-	if err != nil {
-		t.Fatalf("create the deaf box: %v", err)
-	}
-	c.cleanupTask(t, task)
+	id, task := c.createHostileBox(ctx, t, "deaf@running")
 	vmm := int(task.Pid())
 	statusC, err := task.Wait(ctx)
 	if err != nil {
@@ -365,4 +341,25 @@ func TestContainerdGuestThatNeverReportsAKillIsKilled(t *testing.T) {
 	if !events.waitFor(id, "/tasks/exit=137", 20*time.Second) {
 		t.Errorf("no TaskExit 137: events %q", fmtEvents(events.of(id)))
 	}
+}
+
+// createHostileBox creates (does not start) a box running `sleep 1000` on
+// the hostile guest in mode (MODE@POINT), with its container and task
+// removed at cleanup.
+func (c *containerd) createHostileBox(ctx context.Context, t *testing.T, mode string) (string, client.Task) {
+	t.Helper()
+	initrd := hostileGuest(t)
+	id := c.newID(t, "hostile")
+	ctr := c.newContainerWith(t, id, []oci.SpecOpts{hostileSpec(initrd(mode))}, "sleep", "1000")
+	t.Cleanup(func() {
+		if err := ctr.Delete(nsCtx(context.Background()), client.WithSnapshotCleanup); err != nil {
+			t.Errorf("delete container %s: %v", id, err)
+		}
+	})
+	task, err := ctr.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		t.Fatalf("create the box (hostile guest %s): %v", mode, err)
+	}
+	c.cleanupTask(t, task)
+	return id, task
 }

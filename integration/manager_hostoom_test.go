@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/boxlite/boxlite/pkg/shim"
 )
 
 // memCgroup is a host memory cgroup made for one test.
@@ -21,27 +23,8 @@ type memCgroup struct {
 // cleanup after moving anything left in it back to the parent.
 func newMemCgroup(t *testing.T) *memCgroup {
 	t.Helper()
-	self, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cg memCgroup
-	var parent string
-	for _, line := range strings.Split(string(self), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			continue
-		}
-		if parts[1] == "memory" {
-			parent = filepath.Join("/sys/fs/cgroup/memory", parts[2])
-			cg.limit = "memory.limit_in_bytes"
-			break
-		}
-		if parts[0] == "0" && parts[1] == "" {
-			parent = filepath.Join("/sys/fs/cgroup", parts[2])
-			cg.limit = "memory.max"
-		}
-	}
+	parent := memoryCgroupDir(t, os.Getpid())
+	cg := memCgroup{limit: memoryLimitFile(parent)}
 	cg.dir = filepath.Join(parent, fmt.Sprintf("boxlite-test-%d", os.Getpid()))
 	if err := os.Mkdir(cg.dir, 0o755); err != nil {
 		t.Skipf("cannot make a memory cgroup under %s (run as root on a host with the memory controller): %v", parent, err)
@@ -92,6 +75,10 @@ func anonBytes(t testing.TB, dir string) int64 {
 // the exit 137 comes with no /tasks/oom and the test fails.
 func TestManagerHostOOMKillOfTheVMMIsReportedAsOOM(t *testing.T) {
 	m := newMgr(t)
+	// Booted cold: a clone's RAM is the template file's page cache, which
+	// the cgroup's limit would keep evicting and the guest refaulting (a
+	// thrash, not an OOM).
+	m.env = append(m.env, shim.TemplatesEnv+"=off")
 	cg := newMemCgroup(t)
 	// The manager, so the shim and the VMM it starts, run in the cgroup.
 	wrapper := filepath.Join(t.TempDir(), "boxlite-in-cgroup")
