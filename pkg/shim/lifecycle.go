@@ -252,13 +252,19 @@ func (s *service) startProcess(ctx context.Context, sb *sandbox, c *container, p
 		return fmt.Errorf("start %s: the VM is gone: %w", p.name(), errdefs.ErrFailedPrecondition)
 	}
 	a := sb.vm.Agent()
+	// The guest acts on a start it was sent whether or not our caller
+	// still waits (containerd restarted: ttrpc cancelled the call when its
+	// connection closed). The agent call is detached from that, bounded by
+	// the agent's own deadline, so the state records what the guest did:
+	// a cancelled call left the task created while its process ran.
+	gctx := context.WithoutCancel(ctx)
 	if p.execID == "" {
 		if c.isSandbox() {
 			if err := sb.startNetwork(ctx); err != nil {
 				return err
 			}
 		}
-		if _, err := a.StartContainer(ctx, &api.ContainerRequest{Id: c.id}); err != nil {
+		if _, err := a.StartContainer(gctx, &api.ContainerRequest{Id: c.id}); err != nil {
 			return fmt.Errorf("start %s: %w", c.id, err)
 		}
 		return nil
@@ -267,7 +273,7 @@ func (s *service) startProcess(ctx context.Context, sb *sandbox, c *container, p
 	if err != nil {
 		return err
 	}
-	if _, err := a.ExecProcess(ctx, &api.ExecProcessRequest{
+	if _, err := a.ExecProcess(gctx, &api.ExecProcessRequest{
 		Id: c.id, ExecId: p.execID, Process: p.spec, Stdio: p.stdio.agentStdio(),
 	}); err != nil {
 		// The exec never ran: its logger has nothing to flush.
