@@ -103,7 +103,7 @@ lint: ## go vet and gofmt.
 .PHONY: bench
 bench: build ## Run the benchmarks and print the tables.
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./pkg/reaper/ ./pkg/agent/
-	$(GO) test -run '^$$' -bench . -benchtime 7x -count 1 -timeout 30m ./integration/...
+	$(GO) test -run '^$$' -bench . -benchtime 7x -count 1 -timeout 60m ./integration/...
 
 .PHONY: proto
 proto: ## Regenerate the agent API (needs protoc; pinned generators).
