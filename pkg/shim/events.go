@@ -19,6 +19,12 @@ import (
 // queued. The queue is unbounded, so send never blocks (it is called under
 // locks) and never drops; a containerd that stops taking events only makes
 // the queue grow until close gives up.
+//
+// An event containerd does not take (it is restarting) is tried again, in
+// order, for about 15 s (publishRetryDelays), as long as runc's shim keeps
+// trying. Once an event has been given up on, the next ones get one try
+// each until one goes through: containerd is gone, or the manager has no
+// listener, and holding every later event for 15 s would help no one.
 type publisher struct {
 	// ns is the namespace events are published in.
 	ns  string
@@ -26,6 +32,8 @@ type publisher struct {
 	// wake has a token when the queue may be non-empty or closed.
 	wake chan struct{}
 	done chan struct{}
+	// closing is closed by close: no more waiting to try again.
+	closing chan struct{}
 
 	// mu guards queue and closed.
 	mu sync.Mutex
@@ -33,10 +41,16 @@ type publisher struct {
 	queue []any
 	// closed says close was called. Guarded by mu.
 	closed bool
+	// failing says the last event was given up on; touched only by run.
+	failing bool
 }
 
+// publishRetryDelays are the pauses before each new try of an event that
+// could not be published: about 15 s in all. A variable for tests.
+var publishRetryDelays = []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}
+
 func newPublisher(ns string, pub shim.Publisher) *publisher {
-	p := &publisher{ns: ns, pub: pub, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	p := &publisher{ns: ns, pub: pub, wake: make(chan struct{}, 1), done: make(chan struct{}), closing: make(chan struct{})}
 	go p.run()
 	return p
 }
@@ -88,18 +102,52 @@ func (p *publisher) run() {
 		if !ok {
 			return
 		}
-		topic := topicOf(evt)
+		p.publish(topicOf(evt), evt)
+	}
+}
+
+// publish sends one event, trying again while containerd is away (see
+// publisher). Each try has a context of its own, cancelled once it
+// returned: containerd's publisher queues a failed event for retries of its
+// own with that context, which must fail at once, or the event could
+// arrive twice, or after later ones.
+func (p *publisher) publish(topic string, evt any) {
+	for try := 0; ; try++ {
 		ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), p.ns), 10*time.Second)
-		if err := p.pub.Publish(ctx, topic, evt); err != nil {
-			log.L.WithError(err).WithField("topic", topic).Warn("publish event")
-		}
+		err := p.pub.Publish(ctx, topic, evt)
 		cancel()
+		if err == nil {
+			p.failing = false
+			return
+		}
+		if p.failing || try == len(publishRetryDelays) {
+			log.L.WithError(err).WithField("topic", topic).WithField("tries", try+1).Warn("publish event: dropped")
+			p.failing = true
+			return
+		}
+		if try == 0 {
+			log.L.WithError(err).WithField("topic", topic).Info("publish event: trying again")
+		}
+		t := time.NewTimer(publishRetryDelays[try])
+		select {
+		case <-t.C:
+		case <-p.closing:
+			// The shim is ending: this event was tried, what is left
+			// gets one try each.
+			t.Stop()
+			log.L.WithError(err).WithField("topic", topic).WithField("tries", try+1).Warn("publish event: dropped at shutdown")
+			p.failing = true
+			return
+		}
 	}
 }
 
 // close flushes queued events and closes the publisher, bounded.
 func (p *publisher) close() {
 	p.mu.Lock()
+	if !p.closed {
+		close(p.closing)
+	}
 	p.closed = true
 	p.mu.Unlock()
 	p.signal()
