@@ -161,6 +161,10 @@ type Box struct {
 	Labels        map[string]string `json:"labels,omitempty"`
 	AutoRemove    bool              `json:"auto_remove,omitempty"`
 	CreatedAt     time.Time         `json:"created_at"`
+	// CreatorPid and CreatorStartTime name the process creating the box,
+	// until its create returned.
+	CreatorPid       int    `json:"creator_pid,omitempty"`
+	CreatorStartTime uint64 `json:"creator_start_time,omitempty"`
 }
 
 // Interface is one configured network interface of a box.

@@ -150,6 +150,9 @@ func (b *Box) refresh(ctx context.Context) error {
 
 func (b *Box) reconcile(ctx context.Context) error {
 	r := b.rec
+	if r.CreatorPid > 0 {
+		return b.reconcileCreating(ctx)
+	}
 	if r.ShimAddress == "" && r.ShimPid == 0 {
 		if r.Status != StatusStopped {
 			return b.update(func(r *Record) { r.markStopped(deadShimExitCode, time.Now().UTC()) })

@@ -22,6 +22,7 @@ func (r Record) API() api.Box {
 		Status: string(r.Status), ExitStatus: r.ExitStatus, ExitedAt: r.ExitedAt,
 		OOMKilled: r.OOMKilled, Health: r.Health, Network: r.Network, Ports: r.Ports,
 		Labels: r.Labels, AutoRemove: r.AutoRemove, CreatedAt: r.CreatedAt,
+		CreatorPid: r.CreatorPid, CreatorStartTime: r.CreatorStartTime,
 	}
 	for _, i := range r.Interfaces {
 		b.Interfaces = append(b.Interfaces, api.Interface{Name: i.Name, MAC: i.MAC, Addresses: i.Addresses})

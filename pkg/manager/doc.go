@@ -9,7 +9,8 @@
 // reading records: a record whose shim is alive is reconnected, one whose
 // shim or VMM is dead (or whose pid was reused) is marked stopped with exit
 // 137 and its stale files removed, with the shim's delete action run to clean
-// up the VM.
+// up the VM. A record whose creator died before its Create returned is
+// recovered: created if the shim made the task, else undone (interrupted.go).
 //
 // Every child process is started through pkg/reaper; the manager process is
 // a child subreaper, so the daemonized shims it bootstraps reparent to it and

@@ -151,7 +151,8 @@ func fakeStart(ns, address, publish, id, cwd string) int {
 		return fail("listener file: %v", err)
 	}
 	self, _ := os.Executable()
-	cmd := exec.Command(self)
+	// The real shim's command line (the manager finds a stray shim by it).
+	cmd := exec.Command(self, "-namespace", ns, "-id", id, "-address", address)
 	cmd.Dir = cwd
 	cmd.Env = append(os.Environ(), fakeShimEnv+"=serve", "FAKE_SHIM_SOCKET="+sock)
 	cmd.ExtraFiles = []*os.File{f}

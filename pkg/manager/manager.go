@@ -129,6 +129,7 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 		Command: o.Spec.Args, Terminal: o.Spec.Terminal, Status: StatusCreated,
 		Network: cmp.Or(o.Spec.Network, NetworkUser), Ports: o.Spec.Ports,
 		Labels: o.Labels, AutoRemove: o.AutoRemove, CreatedAt: time.Now().UTC(),
+		CreatorPid: self().Pid, CreatorStartTime: self().StartTime,
 	}
 	if err := m.store.Add(rec); err != nil {
 		return nil, err
@@ -136,6 +137,10 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 	b := &Box{m: m, rec: rec}
 	defer func() {
 		if retErr != nil {
+			if _, err := os.Lstat(m.store.BoxDir(o.ID)); errdefs.IsNotFound(retErr) && os.IsNotExist(err) {
+				// Its record went: another command removed the box.
+				retErr = errorf(errdefs.ErrAborted, "box %s was removed or stopped while it was being created", b.name())
+			}
 			if err := b.undo(); err != nil {
 				retErr = fmt.Errorf("%w (and cleaning up: %v)", retErr, err)
 			}
@@ -181,13 +186,16 @@ func (m *Manager) Create(ctx context.Context, o CreateOptions) (_ *Box, retErr e
 	if err != nil {
 		return nil, b.createError(err)
 	}
+	faultPoint("after-task-create")
 	// The shim's task pid is its VMM's.
 	vmm, _ := reaper.ReadIdentity(int(resp.GetPid()))
 	if err := b.update(func(r *Record) {
 		r.TaskPid, r.VMMPid, r.VMMStartTime = resp.GetPid(), vmm.Pid, vmm.StartTime
+		r.clearCreator()
 	}); err != nil {
 		return nil, err
 	}
+	faultPoint("after-create")
 	return b, nil
 }
 
@@ -201,10 +209,12 @@ func (b *Box) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	faultPoint("after-shim-start")
 	// Record the address first: undo can then find the socket.
 	if err := b.update(func(r *Record) { r.ShimAddress = res.Address }); err != nil {
 		return err
 	}
+	faultPoint("after-shim-address")
 	conn, err := dialShim(ctx, res.Address)
 	if err != nil {
 		return err
@@ -214,7 +224,11 @@ func (b *Box) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return b.update(func(r *Record) { r.ShimPid, r.ShimStartTime = id.Pid, id.StartTime })
+	if err := b.update(func(r *Record) { r.ShimPid, r.ShimStartTime = id.Pid, id.StartTime }); err != nil {
+		return err
+	}
+	faultPoint("after-bootstrap")
+	return nil
 }
 
 // createError explains a failed task Create. A shim shut down meanwhile

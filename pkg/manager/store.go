@@ -118,6 +118,11 @@ type Record struct {
 	AutoRemove bool `json:"auto_remove,omitempty"`
 	// CreatedAt is when the box was created.
 	CreatedAt time.Time `json:"created_at"`
+	// CreatorPid and CreatorStartTime identify the manager process
+	// creating the box until its Create returned: a box whose creator
+	// died before that is recovered by the next reader (recoverCreate).
+	CreatorPid       int    `json:"creator_pid,omitempty"`
+	CreatorStartTime uint64 `json:"creator_start_time,omitempty"`
 }
 
 // ShimIdentity is the shim's pid and start time (zero when no shim is known).

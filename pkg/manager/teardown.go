@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -180,14 +181,14 @@ func (b *Box) end(ctx context.Context, kill bool) error {
 
 // killStrayShims kills and reaps the shims of this box whose pid the
 // manager never learned: children of this process (a daemonized shim
-// reparents to its subreaper) working in the box's bundle. Then the shim's
-// delete action cleans up what they left, and sockets nobody listens on are
-// removed.
+// reparents to its subreaper) serving the box (see isShimOf). Then the
+// shim's delete action cleans up what they left, and sockets nobody listens
+// on are removed.
 func (b *Box) killStrayShims(ctx context.Context) error {
 	b.ours = false
 	b.update(func(r *Record) { r.ShimAddress = "" })
 	for _, pid := range reaper.Children(os.Getpid()) {
-		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", pid)); err != nil || cwd != b.rec.Bundle {
+		if !b.isShimOf(pid) {
 			continue
 		}
 		id, err := reaper.ReadIdentity(pid)
@@ -207,6 +208,29 @@ func (b *Box) killStrayShims(ctx context.Context) error {
 	}
 	removeDeadSockets(b.m.store.SocketDir())
 	return nil
+}
+
+// isShimOf says process pid is the long-lived shim of this box: its
+// command line is the one the start action gives it, naming the box's id
+// and this manager's address. (Its working directory, the bundle, cannot
+// tell: once the box was removed it reads "<state>/boxes/.rm-<id>/bundle
+// (deleted)".)
+func (b *Box) isShimOf(pid int) bool {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(strings.TrimSuffix(string(data), "\x00"), "\x00")
+	if len(args) == 0 || args[len(args)-1] == "start" || args[len(args)-1] == "delete" {
+		return false // an action, not the shim it spawns
+	}
+	want := []string{"-id", b.rec.ID, "-address", b.m.shim.grpcAddress}
+	for i := range args {
+		if slices.Equal(args[i:min(i+len(want), len(args))], want) {
+			return true
+		}
+	}
+	return false
 }
 
 // killAndWait SIGKILLs every process of the box and waits (bounded) for the
