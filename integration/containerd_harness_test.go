@@ -361,6 +361,13 @@ func startInNetNS(nsPath string, cmd *exec.Cmd) (*reaper.Process, error) {
 // running, as with a real daemon restart.
 func (c *containerd) stop(t testing.TB) {
 	t.Helper()
+	c.stopWith(t, syscall.SIGTERM)
+}
+
+// stopWith stops the daemon by pid with sig (SIGTERM: a restart; SIGKILL: a
+// crash), then SIGKILL if it is not gone 15 s later. Shims keep running.
+func (c *containerd) stopWith(t testing.TB, sig syscall.Signal) {
+	t.Helper()
 	c.mu.Lock()
 	p, cl := c.proc, c.client
 	c.proc, c.client = nil, nil
@@ -371,11 +378,11 @@ func (c *containerd) stop(t testing.TB) {
 	if p == nil {
 		return
 	}
-	p.Signal(syscall.SIGTERM)
+	p.Signal(sig)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	if _, err := p.Wait(ctx); err != nil {
-		t.Errorf("containerd pid %d ignored SIGTERM for 15s: killing it", p.Pid())
+		t.Errorf("containerd pid %d not gone 15s after %v: killing it", p.Pid(), sig)
 		p.Signal(syscall.SIGKILL)
 		p.Wait(context.Background())
 	}

@@ -36,32 +36,6 @@ import (
 // exiting) and a crash or a stop that timed out (SIGKILL).
 var daemonStops = []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL}
 
-// stopWith stops the daemon with sig: SIGTERM is the harness's stop;
-// SIGKILL kills it by pid and reaps it. Shims keep running either way.
-func (c *containerd) stopWith(t testing.TB, sig syscall.Signal) {
-	t.Helper()
-	if sig == syscall.SIGTERM {
-		c.stop(t)
-		return
-	}
-	c.mu.Lock()
-	p, cl := c.proc, c.client
-	c.proc, c.client = nil, nil
-	c.mu.Unlock()
-	if cl != nil {
-		cl.Close()
-	}
-	if p == nil {
-		return
-	}
-	p.Signal(sig)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if _, err := p.Wait(ctx); err != nil {
-		t.Fatalf("containerd pid %d not gone 15s after %v: %v", p.Pid(), sig, err)
-	}
-}
-
 // restartAndRemove leaves the daemon as a test that failed midway may not
 // have: running, and box id's task and container removed, for the next
 // subtest and the leak checks.
