@@ -32,10 +32,11 @@ const (
 	// a busy box's working set measured well under this (design.md). When
 	// it fills, QEMU flushes it and translates again.
 	tcgCodeCacheMiB = 256
-	// vmmPidsMax bounds QEMU's threads: main, RCU, one per vCPU, and a
-	// thread pool for 9p and block I/O of at most 64 workers. -sandbox
-	// spawn=deny already forbids fork and exec.
-	vmmPidsMax = 128
+	// vmmPidsBase bounds QEMU's threads besides one per vCPU: main, RCU,
+	// the migration thread of a clone, and a thread pool for 9p and block
+	// I/O of at most 64 workers (7 threads measured on a busy box).
+	// -sandbox spawn=deny already forbids fork and exec.
+	vmmPidsBase = 96
 	// CgroupFileName, in the state dir, lists the VMM cgroup's
 	// directories, so that whoever cleans up after a dead shim (KillStale)
 	// can remove them.
@@ -46,6 +47,9 @@ const (
 	// kata_overhead does.
 	cgroupV2Fallback = "/boxlite"
 )
+
+// vmmPidsLimit is the pids limit of the cgroup of a VM with vcpus.
+func vmmPidsLimit(vcpus int) int64 { return int64(vmmPidsBase + vcpus) }
 
 // vmmMemoryLimit is the memory limit of the cgroup of a VM with memMiB of
 // RAM under accel.
@@ -78,8 +82,7 @@ var errNoCgroupControllers = errors.New("no usable memory and pids cgroup contro
 // newVMMCgroup creates the cgroup name for a VMM with its limits. It
 // returns errNoCgroupControllers (wrapped) when the host has none to
 // create it with.
-func newVMMCgroup(name string, memLimit int64) (*vmmCgroup, error) {
-	pids := int64(vmmPidsMax)
+func newVMMCgroup(name string, memLimit, pids int64) (*vmmCgroup, error) {
 	if cgroups.Mode() == cgroups.Unified {
 		return newVMMCgroupV2(name, memLimit, pids)
 	}
@@ -227,7 +230,7 @@ func removeRecordedCgroup(stateDir string) {
 // it, for `boxlite check`. An error says the VMM would run unconfined
 // (errNoCgroupControllers) or could not start.
 func CheckCgroup() (string, error) {
-	cg, err := newVMMCgroup(fmt.Sprintf("boxlite-check-%d", os.Getpid()), vmmMemoryLimit(DefaultMemoryMiB, AccelTCG))
+	cg, err := newVMMCgroup(fmt.Sprintf("boxlite-check-%d", os.Getpid()), vmmMemoryLimit(DefaultMemoryMiB, AccelTCG), vmmPidsLimit(DefaultVCPUs))
 	if err != nil {
 		return "", err
 	}
@@ -236,6 +239,6 @@ func CheckCgroup() (string, error) {
 	if cg.v2 != nil {
 		where = "cgroup v2"
 	}
-	return fmt.Sprintf("its own cgroup (%s, under the shim's; from here: %s): memory = the VM's RAM + %d MiB (+ %d MiB for TCG's code cache), at most %d threads",
-		where, filepath.Dir(cg.dirs[0]), vmmOverheadMiB, tcgCodeCacheMiB, vmmPidsMax), nil
+	return fmt.Sprintf("its own cgroup (%s, under the shim's; from here: %s): memory = the VM's RAM + %d MiB (+ %d MiB for TCG's code cache), at most %d threads + one per vCPU",
+		where, filepath.Dir(cg.dirs[0]), vmmOverheadMiB, tcgCodeCacheMiB, vmmPidsBase), nil
 }

@@ -21,7 +21,7 @@ func TestVMMCgroupConfinesAProcess(t *testing.T) {
 	}
 	name := "boxlite-vmm-test-" + strconv.Itoa(os.Getpid())
 	limit := vmmMemoryLimit(256, AccelTCG)
-	cg, err := newVMMCgroup(name, limit)
+	cg, err := newVMMCgroup(name, limit, vmmPidsLimit(4))
 	if errors.Is(err, errNoCgroupControllers) {
 		t.Skipf("no cgroup controllers for a vmm here: %v", err)
 	}
@@ -37,8 +37,8 @@ func TestVMMCgroupConfinesAProcess(t *testing.T) {
 	if got := readTrim(t, filepath.Join(memDir, memFile)); got != strconv.FormatInt(limit, 10) {
 		t.Errorf("%s = %s, want %d", memFile, got, limit)
 	}
-	if got := readTrim(t, filepath.Join(pidsDir, pidsFile)); got != strconv.Itoa(vmmPidsMax) {
-		t.Errorf("%s = %s, want %d", pidsFile, got, vmmPidsMax)
+	if got := readTrim(t, filepath.Join(pidsDir, pidsFile)); got != strconv.Itoa(vmmPidsBase+4) {
+		t.Errorf("%s = %s, want %d", pidsFile, got, vmmPidsBase+4)
 	}
 	cmd := exec.Command("sleep", "100")
 	if err := cmd.Start(); err != nil {

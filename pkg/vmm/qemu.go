@@ -429,7 +429,7 @@ func (q *QEMU) makeCgroup() (*vmmCgroup, error) {
 	if q.cfg.Cgroup == "" {
 		return nil, nil
 	}
-	cg, err := newVMMCgroup(q.cfg.Cgroup, vmmMemoryLimit(q.cfg.MemoryMiB, q.accel))
+	cg, err := newVMMCgroup(q.cfg.Cgroup, vmmMemoryLimit(q.cfg.MemoryMiB, q.accel), vmmPidsLimit(q.cfg.VCPUs))
 	if errors.Is(err, errNoCgroupControllers) {
 		log.L.WithError(err).Warn("the vmm runs without a cgroup of its own")
 		return nil, nil
