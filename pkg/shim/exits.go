@@ -156,6 +156,13 @@ func (l *exitLoop) oom(c *container) {
 	if last, ok := l.lastOOM[c]; ok && now.Sub(last) < oomQuiet {
 		return
 	}
+	// Only the last oomQuiet matters: a pod's shim outlives many
+	// containers, which must not stay referenced here.
+	for k, last := range l.lastOOM {
+		if now.Sub(last) >= oomQuiet {
+			delete(l.lastOOM, k)
+		}
+	}
 	l.lastOOM[c] = now
 	l.pub.send(&eventstypes.TaskOOM{ContainerID: c.id})
 }

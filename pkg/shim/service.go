@@ -149,14 +149,18 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 	if !live(p) || !sb.alive() {
 		return nil, errgrpc.ToGRPC(fmt.Errorf("process %s already finished: %w", p.name(), errdefs.ErrNotFound))
 	}
-	// A SIGKILL of the box's own process must work as under runc, even
-	// when the guest cannot answer (its agent hung, the VM frozen): past
-	// a bound, the VM is killed instead, and the process dies with it.
+	// A SIGKILL of the box's own process ends the box within
+	// killAgentTimeout whatever the guest does, as under runc: a guest that
+	// does not answer (its agent hung, the VM frozen) or never reports the
+	// exit has its VM killed, and the process dies with it.
 	killsBox := r.Signal == uint32(unix.SIGKILL) && r.ExecID == "" && c.id == sb.id
 	actx := ctx
+	var ended <-chan struct{}
 	if killsBox {
+		deadline := time.Now().Add(killAgentTimeout)
+		ended = sb.endBy(p, deadline)
 		var cancel context.CancelFunc
-		actx, cancel = context.WithTimeout(ctx, killAgentTimeout)
+		actx, cancel = context.WithDeadline(ctx, deadline)
 		defer cancel()
 	}
 	if _, err := sb.vm.Agent().SignalProcess(actx, &api.SignalProcessRequest{
@@ -165,34 +169,32 @@ func (s *service) Kill(ctx context.Context, r *taskAPI.KillRequest) (*emptypb.Em
 		if !killsBox || actx.Err() == nil || ctx.Err() != nil {
 			return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
 		}
-		log.G(ctx).WithError(err).WithField("id", c.id).
-			Warnf("the guest did not take SIGKILL within %v: killing the VM", killAgentTimeout)
-		if err := sb.kill(); err != nil {
-			return nil, errgrpc.ToGRPC(fmt.Errorf("kill %s: %w", p.name(), err))
-		}
-		return &emptypb.Empty{}, nil
-	}
-	if killsBox {
-		// Nor may a guest that took the signal keep the box by never
-		// reporting the exit.
-		go sb.killUnlessExited(p, killAgentTimeout)
+		// The guest did not answer by the deadline: endBy kills the VM.
+		<-ended
 	}
 	return &emptypb.Empty{}, nil
 }
 
-// killUnlessExited kills the VM when p, SIGKILLed through the guest, has
-// not been reported exited within d: its guest lost it, or lies. A process
-// that dies of SIGKILL is reported in milliseconds.
-func (sb *sandbox) killUnlessExited(p *process, d time.Duration) {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	defer cancel()
-	if _, err := p.wait(ctx); err == nil || !live(p) || !sb.alive() {
-		return
-	}
-	log.L.WithField("id", sb.id).Warnf("the guest did not report the exit of %s within %v of SIGKILL: killing the VM", p.name(), d)
-	if err := sb.kill(); err != nil {
-		log.L.WithError(err).WithField("id", sb.id).Warn("kill the VM")
-	}
+// endBy makes sure p, SIGKILLed through the guest, is gone by deadline: if
+// it has not been reported exited by then (the guest did not answer, lost
+// it, or lies), the VM is killed. A process that dies of SIGKILL is
+// reported in milliseconds. The channel is closed once p exited or the VM
+// was killed.
+func (sb *sandbox) endBy(p *process, deadline time.Time) <-chan struct{} {
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		defer cancel()
+		if _, err := p.wait(ctx); err == nil || !live(p) || !sb.alive() {
+			return
+		}
+		log.L.WithField("id", sb.id).Warnf("%s not reported exited within %v of SIGKILL: killing the VM", p.name(), killAgentTimeout)
+		if err := sb.kill(); err != nil {
+			log.L.WithError(err).WithField("id", sb.id).Warn("kill the VM")
+		}
+	}()
+	return ended
 }
 
 // killAgentTimeout bounds how long a SIGKILL of a box's own process waits
