@@ -53,7 +53,7 @@ func newOOMCounter(pid int) (*oomCounter, error) {
 // or memory.events is path.
 func newOOMCounterAt(path string) (*oomCounter, error) {
 	c := &oomCounter{}
-	if err := c.add(path); err != nil {
+	if _, err := c.add(path); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -67,21 +67,22 @@ func pidMemoryEventsPath(pid int) (string, error) {
 	return memoryEventsPath(data)
 }
 
-// add starts counting the cgroup of path, unless it is counted already.
-func (c *oomCounter) add(path string) error {
+// add starts counting the cgroup of path, unless it is counted already,
+// and says whether it was new.
+func (c *oomCounter) add(path string) (bool, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, n := range c.counts {
 		if n.path == path {
-			return nil
+			return false, nil
 		}
 	}
 	base, err := readOOMKill(path)
 	if err != nil {
-		return err
+		return false, err
 	}
 	c.counts = append(c.counts, oomCount{path: path, base: base})
-	return nil
+	return true, nil
 }
 
 // follow counts, from now on, the memory cgroup pid is in, when it is a new
@@ -95,15 +96,8 @@ func (c *oomCounter) follow(pid int) (moved bool, path string) {
 	if err != nil {
 		return false, ""
 	}
-	c.mu.Lock()
-	n := len(c.counts)
-	c.mu.Unlock()
-	if err := c.add(path); err != nil {
-		return false, ""
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.counts) > n, path
+	added, err := c.add(path)
+	return added && err == nil, path
 }
 
 // memoryEventsPath picks, from the contents of /proc/<pid>/cgroup, the file

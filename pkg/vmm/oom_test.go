@@ -102,10 +102,10 @@ func TestOOMCounterFollowsAMove(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The real follow reads /proc/<pid>/cgroup; here the move is a path.
-	if err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil {
-		t.Fatal(err)
+	if added, err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil || !added {
+		t.Fatalf("the cgroup moved to: added %v, %v", added, err)
 	}
-	if err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil || len(c.counts) != 2 {
+	if added, err := c.add(filepath.Join(root, "memory", "b", "memory.oom_control")); err != nil || added || len(c.counts) != 2 {
 		t.Fatalf("a cgroup counted twice: %+v, %v", c.counts, err)
 	}
 	if c.increased() {

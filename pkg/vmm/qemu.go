@@ -405,7 +405,7 @@ func (q *QEMU) launch() (*reaper.Process, error) {
 	if err != nil {
 		err = fmt.Errorf("pid file: %w", err)
 	}
-	if cg != nil && cmd.SysProcAttr.CgroupFD == 0 {
+	if cg != nil && !cmd.SysProcAttr.UseCgroupFD {
 		// cgroup v1: moved in right after the start.
 		if aerr := cg.add(proc.Pid()); aerr != nil {
 			err = errors.Join(err, fmt.Errorf("move vmm into its cgroup: %w", aerr))
